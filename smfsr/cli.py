@@ -1,0 +1,267 @@
+"""The ``smfsr`` command: upscale images, inspect and convert models.
+
+Exit status: 0 when everything succeeded, 1 when some images failed (the rest still finished),
+2 for a usage or model error. User errors print one clear line, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import logging
+import os
+import sys
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import SMFSRError
+
+EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
+
+
+# --------------------------------------------------------------------------------------------
+# inputs and outputs
+
+
+def expand_inputs(items: list[str]) -> list[tuple[Path, Path]]:
+    """(file, path relative to its root) for files, folders (recursive) and globs."""
+    from .imageio import is_image_path
+
+    found: list[tuple[Path, Path]] = []
+    for item in items:
+        matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
+        if not matches:
+            raise SMFSRError(f"{item}: no files match")
+        for match in matches:
+            path = Path(match)
+            if path.is_dir():
+                files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_path(p))
+                if not files:
+                    raise SMFSRError(f"{path}: the folder has no images")
+                found += [(f, f.relative_to(path)) for f in files]
+            elif path.exists():
+                found.append((path, Path(path.name)))
+            else:
+                raise SMFSRError(f"{path}: no such file or folder")
+    return found
+
+
+def output_path(source_rel: Path, out: Path, single: bool) -> Path:
+    """A single input may name its output file; otherwise ``out`` is a folder and names are kept."""
+    from .imageio import is_image_path
+
+    if single and is_image_path(out):
+        return out
+    return out / source_rel.with_suffix(".png")
+
+
+def shard(items: list, rank: int, world: int) -> list:
+    """This process's share of the inputs under ``accelerate launch`` / ``torchrun``."""
+    return items[rank::world]
+
+
+def distributed_rank() -> tuple[int, int, int]:
+    """(rank, world size, local rank) from the environment accelerate/torchrun set."""
+    env = os.environ
+    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
+
+
+# --------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_upscale(args: argparse.Namespace) -> int:
+    import torch
+
+    from .imageio import from_pil, open_image
+    from .pipeline import SMFSRUpscaler, UpscaleOptions
+    from .tiling.vae import VAETiling
+
+    rank, world, local_rank = distributed_rank()
+    jobs = expand_inputs(args.inputs)
+    single = len(jobs) == 1
+    out = Path(args.output)
+    plan = [(src, output_path(rel, out, single)) for src, rel in jobs]
+    targets = [dst for _, dst in plan]
+    if len(set(targets)) != len(targets):
+        raise SMFSRError("two inputs would write the same output file (same name in different folders?); use folders")
+    plan = shard(plan, rank, world)
+
+    device = args.device
+    if device is None and world > 1 and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+    vae_tiling = None if args.vae_tile == "off" else VAETiling(
+        mode=args.vae_tile_mode,
+        decoder_tile=None if args.vae_tile == "auto" else int(args.vae_tile),
+        encoder_tile=None if args.vae_tile == "auto" else int(args.vae_tile) * 8,
+        threshold_pixels=0 if args.vae_tile not in ("auto",) else VAETiling().threshold_pixels,
+    )
+    upscaler = SMFSRUpscaler.from_pretrained(args.model, device=device, dtype=args.dtype, vae=args.vae,
+                                             prompt=args.prompt, vae_tiling=vae_tiling)
+    if vae_tiling is None:
+        upscaler.codec.tiling = None
+    options = UpscaleOptions(scale=args.scale, seed=args.seed, steps=args.steps, tile_size=args.tile_size,
+                             tile_overlap=args.tile_overlap, color_fix=args.color_fix)
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    failures = 0
+    for index, (src, dst) in enumerate(plan, 1):
+        label = f"{tag}[{index}/{len(plan)}] {src}"
+        if dst.exists() and not args.overwrite:
+            if args.skip_existing:
+                _say(args, f"{label}: {dst} exists, skipped")
+                continue
+            print(f"error: {label}: {dst} already exists (use --overwrite to replace it, --skip-existing to skip)",
+                  file=sys.stderr)
+            failures += 1
+            continue
+        try:
+            image = from_pil(open_image(src, max_pixels=args.max_pixels))
+            for note in image.notes:
+                _say(args, f"{label}: {note}")
+            with _progress_bar(args, label) as bar:
+                result = upscaler.upscale_image(image, options, progress=bar)
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.tmp")
+            result.save(tmp, format="PNG")
+            os.replace(tmp, dst)
+            _say(args, f"{label} -> {dst} ({result.width}x{result.height})")
+        except SMFSRError as e:
+            failures += 1
+            print(f"error: {label}: {e}", file=sys.stderr)
+        except Exception as e:  # keep going: one bad image must not stop a folder
+            failures += 1
+            print(f"error: {label}: unexpected {type(e).__name__}: {e}", file=sys.stderr)
+            if args.debug:
+                traceback.print_exc()
+    done = len(plan) - failures
+    _say(args, f"{tag}{done} of {len(plan)} images upscaled" + (f", {failures} failed" if failures else ""))
+    return EXIT_OK if failures == 0 else EXIT_SOME_FAILED
+
+
+class _progress_bar:
+    """A tqdm bar over latent tiles, as a ``progress(done, total)`` callback."""
+
+    def __init__(self, args: argparse.Namespace, label: str):
+        self.args, self.label, self.bar = args, label, None
+
+    def __enter__(self):
+        return self
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.args.quiet:
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=Path(self.label).name[:40], unit="tile", leave=False, file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _say(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr)
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint import describe
+
+    print(describe(args.model))
+    return EXIT_OK
+
+
+def cmd_convert(args: argparse.Namespace) -> int:
+    import torch
+
+    from .checkpoint import Bundle, PipelineDefaults, import_official_transformer, import_vae, read_prompt_file, save_bundle
+
+    transformer = import_official_transformer(args.transformer)
+    vae = import_vae(args.vae) if args.vae else None
+    embeds = pooled = None
+    if args.prompt_embeds:
+        embeds, pooled = read_prompt_file(args.prompt_embeds)
+    defaults = PipelineDefaults(upscale=args.upscale, prompt=args.prompt_text or "")
+    if vae is not None:
+        defaults.vae_scaling_factor = float(vae.config.scaling_factor)
+        defaults.vae_shift_factor = float(vae.config.shift_factor or 0.0)
+    bundle = Bundle(transformer=transformer, vae=vae, prompt_embeds=embeds, prompt_pooled=pooled, defaults=defaults,
+                    license=args.license, provenance=f"converted by smfsr {__version__} from {args.transformer}")
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    path = save_bundle(args.output, bundle, overwrite=args.overwrite, dtype=dtype)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smfsr", description="SMFSR one-step diffusion super-resolution")
+    parser.add_argument("--version", action="version", version=f"smfsr {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    up = sub.add_parser("upscale", help="upscale images, folders or globs")
+    up.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or globs")
+    up.add_argument("-o", "--output", required=True, help="output folder, or a file name for a single input")
+    up.add_argument("--model", help="SMFSR bundle (.safetensors) or official folder (default: the bundled model)")
+    up.add_argument("--vae", help="a diffusers VAE folder or file, for models without their own")
+    up.add_argument("--prompt", help="prompt embeddings (.safetensors with 'embeds' and 'pooled')")
+    up.add_argument("--scale", type=float, help="output size / input size (default: the model's factor)")
+    up.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same result (default 0)")
+    up.add_argument("--steps", type=int, help="mean-flow steps (default: the model's, 1)")
+    up.add_argument("--tile-size", type=int, help="latent tile size in latent pixels, 0 = no tiling (default: model's)")
+    up.add_argument("--tile-overlap", type=int, help="latent tile overlap in latent pixels (default: model's)")
+    up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="colour correction (default: model's)")
+    up.add_argument("--vae-tile", default="auto",
+                    help="VAE decoder tile core in latent px (encoder: x8 px); 'auto' tiles large images "
+                         "with a size from free memory; 'off' never tiles (default auto)")
+    up.add_argument("--vae-tile-mode", choices=["exact", "fast"], default="exact",
+                    help="exact: tiled == untiled; fast: approximate GroupNorm statistics, per-tile attention")
+    up.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    up.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16 (default: bf16/fp16 on GPU, fp32 on CPU)")
+    up.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    up.add_argument("--skip-existing", action="store_true", help="skip inputs whose output exists")
+    up.add_argument("--max-pixels", type=int, default=8192 * 8192, help="refuse larger inputs (default 64 MP)")
+    up.add_argument("-q", "--quiet", action="store_true")
+    up.add_argument("--debug", action="store_true", help="print tracebacks for unexpected errors")
+    up.set_defaults(func=cmd_upscale)
+
+    info = sub.add_parser("info", help="describe a model file or folder")
+    info.add_argument("model")
+    info.set_defaults(func=cmd_info)
+
+    conv = sub.add_parser("convert", help="make a bundle from official parts")
+    conv.add_argument("--transformer", required=True, help="official folder (with transformer/) or the transformer folder")
+    conv.add_argument("--vae", help="diffusers VAE folder or file (e.g. stable-diffusion-3.5-medium/vae)")
+    conv.add_argument("--prompt-embeds", help=".safetensors with 'embeds' (1, L, 4096) and 'pooled' (1, 2048)")
+    conv.add_argument("--prompt-text", help="the prompt those embeddings encode (stored as a note)")
+    conv.add_argument("--upscale", type=int, default=4)
+    conv.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
+    conv.add_argument("--license", default="see the original model's licence")
+    conv.add_argument("-o", "--output", required=True)
+    conv.add_argument("--overwrite", action="store_true")
+    conv.set_defaults(func=cmd_convert)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    try:
+        return args.func(args)
+    except SMFSRError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

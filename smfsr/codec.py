@@ -1,0 +1,85 @@
+"""Images <-> the core's normalised latents, through a VAE (design.md "Latents").
+
+    core latent  z = (z_vae - shift) * scale        (SD3.5: shift 0.0609, scale 1.5305)
+
+The LR posterior is sampled (the official choice) with the caller's generator, so the result is
+reproducible and independent of tiling: the noise is drawn once for the whole latent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+from .tiling.vae import VAETiling, tiled_decode, tiled_encode_moments
+
+
+@dataclass
+class LatentCodec:
+    vae: AutoencoderKL
+    scaling_factor: float
+    shift_factor: float
+    tiling: VAETiling | None = None  # None: never tile; otherwise tile above its threshold
+
+    @property
+    def downscale(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.vae.config.latent_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.vae.parameters()).dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.vae.parameters()).device
+
+    def normalize(self, z_vae: torch.Tensor) -> torch.Tensor:
+        return (z_vae - self.shift_factor) * self.scaling_factor
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scaling_factor + self.shift_factor
+
+    def _tiled(self, pixels: int) -> bool:
+        return self.tiling is not None and pixels > self.tiling.threshold_pixels
+
+    def moments(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior mean and log-variance (raw VAE space) of images (B, 3, H, W) in [0, 1]."""
+        x = (image * 2 - 1).to(self.device, self.dtype)
+        if self._tiled(x.shape[-2] * x.shape[-1]):
+            moments = tiled_encode_moments(self.vae, x, self.tiling)
+        else:
+            with torch.no_grad():
+                moments = self.vae.encoder(x)
+                if self.vae.quant_conv is not None:
+                    moments = self.vae.quant_conv(moments)
+        mean, logvar = moments.chunk(2, dim=1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(
+        self, image: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Normalised latent of images in [0, 1]; ``sample`` draws from the posterior, else its mean."""
+        mean, logvar = self.moments(image)
+        z = mean
+        if sample:
+            eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
+            z = mean + torch.exp(0.5 * logvar) * eps
+        return self.normalize(z)
+
+    def decode(self, latent: torch.Tensor) -> torch.Tensor:
+        """Images in [0, 1] from normalised latents."""
+        z = self.denormalize(latent).to(self.device, self.dtype)
+        if self._tiled(z.shape[-2] * z.shape[-1] * self.downscale**2):
+            x = tiled_decode(self.vae, z, self.tiling)
+        else:
+            with torch.no_grad():
+                if self.vae.post_quant_conv is not None:
+                    z = self.vae.post_quant_conv(z)
+                x = self.vae.decoder(z)
+        return ((x.float() + 1) / 2).clamp(0, 1)

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny models built from config, real safetensors files written to tmp dirs."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from smfsr.checkpoint import Bundle, PipelineDefaults, build_transformer, build_vae, save_bundle
+from smfsr.models.presets import transformer_config, vae_config
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+
+def perturb(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.Module:
+    """Add noise to every parameter so zero-initialised control layers also do something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def tiny_bundle(seed: int = 0, preset: str = "tiny", **defaults) -> Bundle:
+    torch.manual_seed(seed)
+    transformer = perturb(build_transformer(transformer_config(preset)), seed).eval()
+    vae = perturb(build_vae(vae_config("tiny")), seed + 1, std=0.01).eval()
+    cfg = transformer.config
+    g = torch.Generator().manual_seed(seed + 2)
+    settings = dict(upscale=4, steps=1, process_size=64, vae_scaling_factor=1.0, vae_shift_factor=0.0,
+                    latent_tile=16, latent_overlap=4, color_fix="adain")
+    settings.update(defaults)
+    return Bundle(
+        transformer=transformer,
+        vae=vae,
+        prompt_embeds=torch.randn(1, 3, cfg.joint_attention_dim, generator=g),
+        prompt_pooled=torch.randn(1, cfg.pooled_projection_dim, generator=g),
+        defaults=PipelineDefaults(**settings),
+        license="test",
+        provenance="tests/conftest.py",
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("models") / "tiny.safetensors"
+    save_bundle(path, tiny_bundle())
+    return path
+
+
+def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """A smooth, colourful test image with some texture (uint8 HxWx3)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.meshgrid(np.linspace(0, 1, height), np.linspace(0, 1, width), indexing="ij")
+    base = np.stack([np.sin(5 * xx + 1) * 0.4 + 0.5, np.cos(3 * yy + 4 * xx) * 0.4 + 0.5, 0.3 + 0.5 * xx * yy], -1)
+    base += rng.normal(0, 0.03, base.shape)
+    return (np.clip(base, 0, 1) * 255).astype(np.uint8)
+
+
+@pytest.fixture
+def sample_png(tmp_path) -> Path:
+    path = tmp_path / "input.png"
+    Image.fromarray(photo_like(24, 32)).save(path)
+    return path

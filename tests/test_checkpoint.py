@@ -1,0 +1,190 @@
+"""Bundles and importers: real safetensors files, round trips, and the errors users see."""
+
+from __future__ import annotations
+
+import json
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from smfsr.checkpoint import (
+    describe, import_official_transformer, import_vae, load_bundle, load_model, save_bundle,
+)
+from smfsr.errors import CheckpointError
+from smfsr.models import transformer_config
+from tests.conftest import perturb, tiny_bundle
+from smfsr.checkpoint import build_transformer
+
+
+def run(model, seed=0, h=8, w=12):
+    g = torch.Generator().manual_seed(seed)
+    c = model.config
+    args = [torch.randn(1, c.in_channels, h, w, generator=g), torch.randn(1, c.in_channels, h, w, generator=g),
+            torch.randn(1, 3, c.joint_attention_dim, generator=g), torch.randn(1, c.pooled_projection_dim, generator=g),
+            torch.tensor([0.9])]
+    with torch.no_grad():
+        return model(*args, torch.tensor([0.1]) if c.interval_embedding else None)
+
+
+def test_bundle_round_trip_gives_identical_outputs(tmp_path):
+    bundle = tiny_bundle(seed=3)
+    path = save_bundle(tmp_path / "m.safetensors", bundle)
+    loaded = load_bundle(path)
+    assert torch.equal(run(bundle.transformer), run(loaded.transformer))
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    with torch.no_grad():
+        assert torch.equal(bundle.vae.encoder(x), loaded.vae.encoder(x))
+    assert torch.equal(loaded.prompt_embeds, bundle.prompt_embeds)
+    assert loaded.defaults == bundle.defaults
+    assert loaded.provenance == "tests/conftest.py"
+
+
+def test_bundle_in_half_precision_loads_and_casts(tmp_path):
+    bundle = tiny_bundle()
+    path = save_bundle(tmp_path / "h.safetensors", bundle, dtype=torch.bfloat16)
+    header = load_file(str(path))
+    assert header["transformer.proj_out.weight"].dtype == torch.bfloat16
+    loaded = load_bundle(path, dtype=torch.float32)
+    assert next(loaded.transformer.parameters()).dtype == torch.float32
+    assert torch.allclose(run(bundle.transformer), run(loaded.transformer), atol=0.05)
+
+
+def test_save_refuses_to_overwrite(tmp_path):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(b"precious")
+    with pytest.raises(CheckpointError, match="already exists"):
+        save_bundle(path, tiny_bundle())
+    assert path.read_bytes() == b"precious"
+
+
+def write_official_folder(root, model, with_dead_modules=True):
+    """The official release layout: <root>/transformer/config.json + diffusion_pytorch_model.safetensors."""
+    folder = root / "transformer"
+    folder.mkdir(parents=True)
+    official_keys = [k for k in model.config if k in (
+        "sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+        "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+        "pos_embed_max_size", "dual_attention_layers", "qk_norm")]
+    config = {"_class_name": "SD3Transformer2DModel_interval", "_diffusers_version": "0.30.0",
+              **{k: model.config[k] for k in official_keys}}
+    config["dual_attention_layers"] = list(config["dual_attention_layers"])
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if not with_dead_modules:
+        state = {k: v for k, v in state.items()
+                 if not k.startswith("interval_embedder.") and ".attn2.add_" not in k and k != "pos_embed.pos_embed"}
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    return root
+
+
+@pytest.mark.parametrize("dead", [True, False])
+def test_official_folder_imports_with_same_outputs(tmp_path, dead):
+    model = perturb(build_transformer(transformer_config("tiny-official")), 7).eval()
+    root = write_official_folder(tmp_path / "smfsr_q", model, with_dead_modules=dead)
+    imported = import_official_transformer(root)
+    assert imported.config.lr_key_quirk and imported.config.control_scale == 1.2
+    assert imported.config.time_scale == 1.0 and imported.config.interval_embedding
+    assert torch.allclose(run(model), run(imported), atol=1e-6)
+
+
+def test_official_teacher_folder_is_recognised(tmp_path):
+    model = perturb(build_transformer(transformer_config("tiny-teacher", lr_key_quirk=True, control_scale=1.2,
+                                                         official_dead_modules=True)), 8).eval()
+    root = write_official_folder(tmp_path / "dit4sr", model)
+    imported = import_official_transformer(root)
+    assert not imported.config.interval_embedding and imported.config.time_scale == 1000.0
+    # the teacher fed 0..1000 times; our [0, 1] time times 1000 must reproduce it
+    model.register_to_config(time_scale=1000.0)
+    assert torch.allclose(run(model), run(imported), atol=1e-5)
+
+
+def test_official_folder_with_a_wrong_tensor_names_it(tmp_path):
+    model = build_transformer(transformer_config("tiny-official"))
+    root = write_official_folder(tmp_path / "bad", model)
+    weights = root / "transformer" / "diffusion_pytorch_model.safetensors"
+    state = load_file(str(weights))
+    state["transformer_blocks.0.attn.to_q.weight"] = torch.zeros(3, 3)
+    del state["proj_out.bias"]
+    state["some.foreign.key"] = torch.zeros(1)
+    save_file(state, str(weights))
+    with pytest.raises(CheckpointError) as err:
+        import_official_transformer(root)
+    message = str(err.value)
+    assert "1 missing" in message and "proj_out.bias" in message
+    assert "1 unexpected" in message and "some.foreign.key" in message
+    assert "wrong shape" in message and "transformer_blocks.0.attn.to_q.weight: file [3, 3], expected [32, 32]" in message
+    assert str(weights) in message
+
+
+def test_truncated_bundle_gives_a_clear_error(tmp_path, tiny_bundle_path):
+    data = tiny_bundle_path.read_bytes()
+    path = tmp_path / "cut.safetensors"
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="truncated"):
+        load_bundle(path)
+    path.write_bytes(b"")
+    with pytest.raises(CheckpointError, match="empty"):
+        load_bundle(path)
+
+
+def test_bundle_with_a_renamed_key_is_refused_with_the_key_named(tmp_path, tiny_bundle_path):
+    tensors = load_file(str(tiny_bundle_path))
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_bundle_path), "pt") as f:
+        metadata = f.metadata()
+    tensors["transformer.proj_out.weightX"] = tensors.pop("transformer.proj_out.weight")
+    path = tmp_path / "renamed.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"missing: \n    transformer.proj_out.weight"):
+        load_bundle(path)
+
+
+def test_pickle_files_are_refused_without_unpickling(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    for name in ("model.ckpt", "model.safetensors"):
+        path = tmp_path / name
+        path.write_bytes(pickle.dumps(Evil(), protocol=2))
+        with pytest.raises(CheckpointError, match="pickled PyTorch checkpoint") as err:
+            load_model(path)
+        assert "weights_only=True" in str(err.value)
+    torch.save({"w": torch.zeros(1)}, tmp_path / "zip.pt")
+    with pytest.raises(CheckpointError, match="pickled"):
+        load_model(tmp_path / "zip.pt")
+    assert not marker.exists()
+
+
+def test_bare_state_dict_is_explained(tmp_path):
+    model = build_transformer(transformer_config("tiny"))
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(CheckpointError, match="bare transformer state dict"):
+        load_model(path)
+
+
+def test_vae_import_from_folder_and_single_file(tmp_path):
+    vae = tiny_bundle().vae
+    folder = tmp_path / "sd" / "vae"
+    vae.save_pretrained(folder, safe_serialization=True)
+    loaded = import_vae(tmp_path / "sd")
+    x = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(vae.encoder(x), loaded.encoder(x))
+    # a single diffusers-keyed file: the config is inferred from the shapes
+    single = tmp_path / "vae.safetensors"
+    save_file({k: v.contiguous() for k, v in vae.state_dict().items()}, str(single))
+    with pytest.raises(CheckpointError, match="cannot build"):
+        import_vae(single)  # 4 GroupNorm groups are not inferable: SD-family VAEs use 32
+
+
+def test_info_describes_a_bundle(tiny_bundle_path):
+    text = describe(tiny_bundle_path)
+    assert "SMFSR bundle" in text and "average-velocity" in text and "2 layers" in text
+    assert "AutoencoderKL x8" in text and "stored embedding" in text and "x4" in text
