@@ -347,9 +347,10 @@ def to_device(bundle: Bundle, device: str | torch.device, dtype: torch.dtype | N
             return None
         return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
 
-    bundle.transformer.to(device=device, dtype=dtype).eval().requires_grad_(False)
-    if bundle.vae is not None:
-        bundle.vae.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    # nn.Module.to, not ModelMixin.to: the latter warns about fp32-only modules these models lack
+    for module in (bundle.transformer, bundle.vae):
+        if module is not None:
+            torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
     bundle.prompt_embeds, bundle.prompt_pooled = move(bundle.prompt_embeds), move(bundle.prompt_pooled)
     return bundle
 
@@ -506,6 +507,28 @@ def read_prompt_file(file: str | os.PathLike) -> tuple[torch.Tensor, torch.Tenso
     if pooled.ndim == 1:
         pooled = pooled[None]
     return embeds, pooled
+
+
+def random_bundle(transformer_preset: str = "tiny", vae_preset: str = "tiny", *, seed: int = 0,
+                  prompt_tokens: int = 3, **defaults: Any) -> Bundle:
+    """A bundle with randomly initialised networks, for benchmarks and tests (speed does not depend
+    on the weights). Not a model: its output is noise-like."""
+    from .models.presets import transformer_config, vae_config
+
+    torch.manual_seed(seed)
+    transformer = build_transformer(transformer_config(transformer_preset)).eval()
+    vae_cfg = vae_config(vae_preset)
+    vae = build_vae(vae_cfg).eval()
+    g = torch.Generator().manual_seed(seed)
+    c = transformer.config
+    settings = dict(vae_scaling_factor=vae_cfg["scaling_factor"], vae_shift_factor=vae_cfg["shift_factor"])
+    settings.update(defaults)
+    return Bundle(
+        transformer=transformer, vae=vae,
+        prompt_embeds=torch.randn(1, prompt_tokens, c.joint_attention_dim, generator=g),
+        prompt_pooled=torch.randn(1, c.pooled_projection_dim, generator=g),
+        defaults=PipelineDefaults(**settings), license="none (random weights)", provenance="random_bundle",
+    )
 
 
 def describe(path: str | os.PathLike) -> str:

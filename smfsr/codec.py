@@ -2,8 +2,8 @@
 
     core latent  z = (z_vae - shift) * scale        (SD3.5: shift 0.0609, scale 1.5305)
 
-The LR posterior is sampled (the official choice) with the caller's generator, so the result is
-reproducible and independent of tiling: the noise is drawn once for the whole latent.
+The LR posterior is sampled (the official choice) with noise the caller draws once for the whole
+latent, so the result is reproducible and independent of tiling.
 """
 
 from __future__ import annotations
@@ -61,15 +61,13 @@ class LatentCodec:
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
 
-    def encode(
-        self, image: torch.Tensor, *, sample: bool = True, generator: torch.Generator | None = None
-    ) -> torch.Tensor:
-        """Normalised latent of images in [0, 1]; ``sample`` draws from the posterior, else its mean."""
+    def encode(self, image: torch.Tensor, *, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """Normalised latent of images in [0, 1]: the posterior sample mean + std * noise when
+        ``noise`` (N(0, I), latent-shaped) is given, else the posterior mean."""
         mean, logvar = self.moments(image)
         z = mean
-        if sample:
-            eps = torch.randn(mean.shape, generator=generator, dtype=torch.float32).to(mean.device, mean.dtype)
-            z = mean + torch.exp(0.5 * logvar) * eps
+        if noise is not None:
+            z = mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)
         return self.normalize(z)
 
     def decode(self, latent: torch.Tensor) -> torch.Tensor:

@@ -82,9 +82,11 @@ def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return out.clamp(0, 1).to(image.dtype)
 
 
-def seeded_noise(shape: Sequence[int], seeds: Sequence[int]) -> torch.Tensor:
-    """N(0, I) noise, one CPU generator per image: same seed, same noise, on any device or batch."""
-    return torch.stack([torch.randn(tuple(shape[1:]), generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+def seeded_noise(shape: Sequence[int], seeds: Sequence[int], draws: int = 1) -> list[torch.Tensor]:
+    """``draws`` N(0, I) tensors of ``shape``, from one CPU generator per image, drawn in order:
+    same seed, same noise, whatever the device, the batch, or the image's place in it."""
+    generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    return [torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators]) for _ in range(draws)]
 
 
 class SMFSRUpscaler:
@@ -271,10 +273,9 @@ class SMFSRUpscaler:
 
         control = self.prepare(images.to(self.device, torch.float32))
         lh, lw = control.shape[-2] // self.codec.downscale, control.shape[-1] // self.codec.downscale
-        noise = seeded_noise((batch, self.codec.latent_channels, lh, lw), seeds)
-        # The LR posterior sample uses its own stream, offset from the noise seed.
-        generator = torch.Generator().manual_seed(int(seeds[0]) + 1)
-        lr_latent = self.codec.encode(control, sample=self.defaults.lr_latent == "sample", generator=generator)
+        # The start noise, then the LR posterior sample, from each image's own generator.
+        noise, lr_eps = seeded_noise((batch, self.codec.latent_channels, lh, lw), seeds, draws=2)
+        lr_latent = self.codec.encode(control, noise=lr_eps if self.defaults.lr_latent == "sample" else None)
         lr_latent = lr_latent.to(self.dtype)
 
         while True:  # on out-of-memory, halve the latent tile and try again (down to MIN_LATENT_TILE)

@@ -12,8 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from smfsr.checkpoint import Bundle, PipelineDefaults, build_transformer, build_vae, save_bundle
-from smfsr.models.presets import transformer_config, vae_config
+from smfsr.checkpoint import Bundle, random_bundle, save_bundle
 
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
@@ -28,23 +27,14 @@ def perturb(module: torch.nn.Module, seed: int, std: float = 0.05) -> torch.nn.M
 
 
 def tiny_bundle(seed: int = 0, preset: str = "tiny", **defaults) -> Bundle:
-    torch.manual_seed(seed)
-    transformer = perturb(build_transformer(transformer_config(preset)), seed).eval()
-    vae = perturb(build_vae(vae_config("tiny")), seed + 1, std=0.01).eval()
-    cfg = transformer.config
-    g = torch.Generator().manual_seed(seed + 2)
     settings = dict(upscale=4, steps=1, process_size=64, vae_scaling_factor=1.0, vae_shift_factor=0.0,
                     latent_tile=16, latent_overlap=4, color_fix="adain")
     settings.update(defaults)
-    return Bundle(
-        transformer=transformer,
-        vae=vae,
-        prompt_embeds=torch.randn(1, 3, cfg.joint_attention_dim, generator=g),
-        prompt_pooled=torch.randn(1, cfg.pooled_projection_dim, generator=g),
-        defaults=PipelineDefaults(**settings),
-        license="test",
-        provenance="tests/conftest.py",
-    )
+    bundle = random_bundle(preset, "tiny", seed=seed, **settings)
+    perturb(bundle.transformer, seed)
+    perturb(bundle.vae, seed + 1, std=0.01)
+    bundle.license, bundle.provenance = "test", "tests/conftest.py"
+    return bundle
 
 
 @pytest.fixture(scope="session")

@@ -28,13 +28,25 @@ TINY = dict(
     dual_attention_layers=(0,), qk_norm="rms_norm",
 )
 
+SMALL = dict(
+    sample_size=64, patch_size=2, in_channels=4, num_layers=6, attention_head_dim=64,
+    num_attention_heads=4, joint_attention_dim=64, caption_projection_dim=256,
+    pooled_projection_dim=64, out_channels=4, pos_embed_max_size=128,
+    dual_attention_layers=(0, 1, 2), qk_norm="rms_norm",
+)
+
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "sd35-medium": {**SD35_MEDIUM, **OFFICIAL_BEHAVIOUR, "interval_embedding": True, "time_scale": 1.0},
     "dit4sr-sd35-medium": {**SD35_MEDIUM, **OFFICIAL_BEHAVIOUR, "interval_embedding": False, "time_scale": 1000.0},
     "tiny": {**TINY, **OUR_BEHAVIOUR, "interval_embedding": True, "time_scale": 1000.0},
     "tiny-teacher": {**TINY, **OUR_BEHAVIOUR, "interval_embedding": False, "time_scale": 1000.0},
     "tiny-official": {**TINY, **OFFICIAL_BEHAVIOUR, "interval_embedding": True, "time_scale": 1.0},
+    "small": {**SMALL, **OUR_BEHAVIOUR, "interval_embedding": True, "time_scale": 1000.0},
+    "small-teacher": {**SMALL, **OUR_BEHAVIOUR, "interval_embedding": False, "time_scale": 1000.0},
 }
+
+# The teacher preset a student preset is distilled from.
+TEACHER_OF = {"sd35-medium": "dit4sr-sd35-medium", "tiny": "tiny-teacher", "small": "small-teacher"}
 
 # SD3.5's VAE (method.md 2.1): 16 latent channels, x8, scale 1.5305, shift 0.0609.
 SD35_VAE = dict(

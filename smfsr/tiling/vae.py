@@ -17,9 +17,9 @@ Exact mode (default):
   is kept but the segment inputs/outputs (the image and latent-resolution tensors).
 - The attention runs once over the whole latent-resolution feature map (SDPA, queries chunked).
 
-Fast mode (approximate, and says so): GroupNorm statistics are pooled over a few tiles spread
-across the image instead of all of them, and the attention runs per tile (on the tile and its
-halo), so seams are possible where content changes between tiles.
+Fast mode (approximate, and says so): GroupNorm statistics come from one untiled pass over a
+downscaled copy of the input, and the attention runs per tile (on the tile and its halo): one
+tiled pass in all. Tone can drift from the untiled result and seams are possible.
 
 Works on diffusers ``AutoencoderKL`` and on any VAE with the same structure and the ldm module
 names ComfyUI uses (``down``/``up``/``mid.block_1``/``mid.attn_1``/``norm_out``...).
@@ -39,7 +39,6 @@ from ..errors import SMFSRError
 
 Tensor = torch.Tensor
 GroupNormFn = Callable[[nn.GroupNorm, Tensor], Tensor]
-FAST_STAT_TILES = 4  # fast mode estimates GroupNorm statistics from this many tiles
 
 
 @dataclass
@@ -390,9 +389,10 @@ def run_segment(segment: Segment, x: Tensor, core: int, mode: str, cache_budget:
         return segment(x, _Pass([], record=True))
     tiles = [_TileRun(c, e) for c, e in _tiles(h, w, core, halo)]
 
-    # Exact: statistics pooled over every tile. Fast: over a few tiles spread across the image.
-    sampled = tiles if mode == "exact" else tiles[:: max(1, len(tiles) // FAST_STAT_TILES)][:FAST_STAT_TILES]
-    known = pooled_statistics(segment, x, sampled, cache_budget, progress)
+    if mode == "exact":
+        known = pooled_statistics(segment, x, tiles, cache_budget, progress)
+    else:
+        known = preview_statistics(segment, x, core)
 
     out = None
     for tile in tiles:
@@ -407,6 +407,27 @@ def run_segment(segment: Segment, x: Tensor, core: int, mode: str, cache_budget:
         if progress:
             progress()
     return out
+
+
+def preview_statistics(segment: Segment, x: Tensor, core: int) -> list[tuple[Tensor, Tensor]]:
+    """Fast mode: GroupNorm statistics of one untiled pass over x downscaled to about one tile.
+
+    Area downscaling averages away fine detail and shrinks the spread of noise-like inputs, so
+    the preview's per-channel mean and standard deviation are matched back to the full input's.
+    """
+    h, w = x.shape[-2:]
+    factor = 1
+    while max(h, w) / factor > core and min(h, w) / (2 * factor) >= 2 * segment.align:
+        factor *= 2
+    size = (_round_up(max(1, h // factor), segment.align), _round_up(max(1, w // factor), segment.align))
+    full = x.float()
+    preview = F.interpolate(full, size=size, mode="area")
+    dims = (-2, -1)
+    preview = (preview - preview.mean(dims, keepdim=True)) / (preview.std(dims, keepdim=True) + 1e-6)
+    preview = preview * full.std(dims, keepdim=True) + full.mean(dims, keepdim=True)
+    recorder = _Pass([], record=True)
+    segment(preview.to(x.dtype), recorder)
+    return recorder.known
 
 
 def pooled_statistics(segment: Segment, x: Tensor, tiles: list[_TileRun], cache_budget: int = 0,
@@ -488,16 +509,20 @@ def auto_tile(vae: nn.Module, steps: list[Step], x: Tensor, tiling: VAETiling) -
 
 def _run(steps: list[Step], x: Tensor, core: int, mode: str, cache_budget: int) -> Tensor:
     plan = _split(steps, mode)
-    min_core = max(s.halo for s in plan if isinstance(s, Segment))
-    if core < min_core // 2:
-        raise SMFSRError(
-            f"VAE tile {core} is smaller than half the halo this VAE needs ({min_core}); use a tile of at least {min_core // 2}"
-        )
+    unit, scale = 1.0, 1.0  # the first segment's tile is in input px; later ones scale with the map
+    for part in plan:
+        if isinstance(part, Segment) and core * unit < part.halo:
+            raise SMFSRError(
+                f"VAE tile {core} is smaller than the halo this VAE needs ({math.ceil(part.halo / unit)} in the same "
+                "units); use a larger tile"
+            )
+        if isinstance(part, Segment):
+            unit *= part.scale
     with torch.no_grad():
         for part in plan:
             if isinstance(part, Segment):
-                x = run_segment(part, x, core, mode, cache_budget)
-                core = max(1, round(core * part.scale))  # the next segment's tile, in its own pixels
+                x = run_segment(part, x, max(1, round(core * scale)), mode, cache_budget)
+                scale *= part.scale
             else:
                 x = part.run(x, _Pass([], record=True))  # global attention on the whole map
     return x

@@ -1,0 +1,31 @@
+"""``python -m bench [--quick] [--only NAME ...] [--no-write]``: run the comparisons, print tables,
+append them to bench/RESULTS.md with the date, machine and commit."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from .harness import report
+
+COMPARISONS = {
+    "steps": "bench.steps",  # one SMFSR step vs a 40-step teacher
+    "tiled_vae": "bench.tiled_vae",  # exact / fast / diffusers tiled VAE vs untiled
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--quick", action="store_true", help="smallest sizes only")
+    parser.add_argument("--only", nargs="*", choices=sorted(COMPARISONS), help="run only these")
+    parser.add_argument("--no-write", action="store_true", help="print, don't append to bench/RESULTS.md")
+    args = parser.parse_args()
+    tables = [importlib.import_module(COMPARISONS[name]).run(quick=args.quick) for name in (args.only or COMPARISONS)]
+    report(tables, write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
