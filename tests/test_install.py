@@ -1,0 +1,37 @@
+"""install.py: installs only what is missing and never the host's torch/numpy."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import install
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_requirements_leave_host_packages_alone():
+    names = {install._name(r) for r in install.requirements()}
+    assert names and not names & install.HOST_OWNED
+    pyproject = (REPO / "pyproject.toml").read_text()
+    for req in install.requirements():
+        assert install._name(req) in pyproject  # the two lists agree
+
+
+def test_only_missing_requirements_are_installed(tmp_path):
+    reqs = ["safetensors>=0.4", "surely-not-a-real-package-smfsr>=1"]
+    assert install.missing(reqs) == ["surely-not-a-real-package-smfsr>=1"]
+    bad = tmp_path / "requirements.txt"
+    bad.write_text("torch>=2\n")
+    try:
+        install.requirements(bad)
+    except SystemExit as e:
+        assert "host-owned" in str(e)
+    else:
+        raise AssertionError("a requirements file listing torch must be refused")
+
+
+def test_running_it_twice_changes_nothing():
+    result = subprocess.run([sys.executable, str(REPO / "install.py")], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and "all requirements present" in result.stdout
