@@ -83,11 +83,23 @@ class Bundle:
 # reading files safely
 
 
+def looks_like_safetensors(head: bytes, size: int) -> bool:
+    """A safetensors file starts with its header length (u64, little-endian) and then '{'."""
+    return len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def looks_like_pickle(head: bytes) -> bool:
+    """torch.save's zip container, or a raw pickle (protocol 2-5 starts with 0x80, protocol)."""
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
 def refuse_pickle(path: Path) -> None:
-    """Raise if ``path`` looks like a pickled PyTorch checkpoint (by suffix or magic bytes)."""
+    """Raise if ``path`` looks like a pickled PyTorch checkpoint (by content, else by suffix)."""
     with open(path, "rb") as f:
-        head = f.read(4)
-    if path.suffix.lower() in PICKLE_SUFFIXES or head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        head = f.read(9)
+    if looks_like_safetensors(head, path.stat().st_size):
+        return
+    if looks_like_pickle(head) or path.suffix.lower() in PICKLE_SUFFIXES:
         raise CheckpointError(
             f"{path} is a pickled PyTorch checkpoint. SMFSR only reads .safetensors files, because "
             "unpickling a file can run arbitrary code. If you trust the file, convert it once with:\n"

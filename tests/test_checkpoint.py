@@ -161,6 +161,22 @@ def test_pickle_files_are_refused_without_unpickling(tmp_path):
     assert not marker.exists()
 
 
+def test_safetensors_whose_header_length_starts_with_0x80_is_not_taken_for_a_pickle(tmp_path, tiny_bundle_path):
+    """Regression: the first byte of a safetensors file is the low byte of its header length."""
+    from safetensors import safe_open
+
+    tensors = load_file(str(tiny_bundle_path))
+    with safe_open(str(tiny_bundle_path), "pt") as f:
+        metadata = dict(f.metadata())
+    path = tmp_path / "m.safetensors"
+    for pad in range(256):
+        save_file(tensors, str(path), metadata={**metadata, "pad": "x" * pad})
+        if path.read_bytes()[0] == 0x80:
+            break
+    assert path.read_bytes()[0] == 0x80
+    assert torch.allclose(run(load_bundle(path).transformer), run(load_bundle(tiny_bundle_path).transformer), atol=1e-6)
+
+
 def test_bare_state_dict_is_explained(tmp_path):
     model = build_transformer(transformer_config("tiny"))
     path = tmp_path / "diffusion_pytorch_model.safetensors"

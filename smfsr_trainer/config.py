@@ -1,0 +1,149 @@
+"""Training configuration: plain values in one dataclass, read from YAML or TOML, every value
+overridable on the command line (``--max-steps 100 --lr 3e-4``)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, get_type_hints
+
+
+@dataclass
+class TrainConfig:
+    stage: str = "flow"  # flow (LR-conditioned teacher) | meanflow (ISC distillation)
+    output_dir: str = "runs/tiny"
+    seed: int = 0
+
+    # --- networks ---------------------------------------------------------------------------
+    preset: str = "tiny"  # student preset; the teacher is its TEACHER_OF preset
+    init: str | None = None  # flow: start from this bundle/official folder instead of random weights
+    teacher: str | None = None  # meanflow: the frozen teacher (default: <output_dir>/flow.safetensors)
+    vae: str | None = None  # bundle with a VAE, or a diffusers VAE folder/file
+    vae_preset: str | None = None  # a random VAE from a preset (tests only)
+    trainable: str = "all"  # all | control (only *_control layers: fine-tuning a pretrained SD3.5 DiT)
+    gradient_checkpointing: bool = False
+    prompt_embeds: str | None = None  # .safetensors with 'embeds'/'pooled'; None: a zero "null" prompt
+    null_prompt_embeds: str | None = None  # the empty-prompt embedding for dropout/CFG; None: zeros
+
+    # --- data ------------------------------------------------------------------------------------
+    train_dir: str = ""  # folder of HR images (searched recursively)
+    lr_dir: str | None = None  # pre-made LR images matching train_dir by name (instead of degrading)
+    val_dir: str | None = None  # held-out HR images for validation
+    crop: int = 64  # HR crop size (px)
+    scale: int = 4
+    degradation: str = "realesrgan"  # realesrgan | bicubic
+    cache_latents: bool = False  # encode a fixed set of crops once (no on-the-fly augmentation)
+    cache_size: int = 256
+    num_workers: int = 0
+
+    # --- optimisation ----------------------------------------------------------------------------
+    batch_size: int = 4
+    learning_rate: float = 1e-4
+    weight_decay: float = 0.01
+    max_steps: int = 1000
+    gradient_accumulation_steps: int = 1
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.999
+
+    # --- flow stage (DiT4SR recipe, method.md 2.4) -----------------------------------------------
+    null_text_prob: float = 0.2
+    precondition: bool = True  # loss on x0 = z_t - t v (DiT4SR) instead of on v
+    time_mu: float = 0.0
+    time_sigma: float = 1.0
+
+    # --- meanflow stage (SplitMeanFlow, method.md 1.3) -------------------------------------------
+    boundary_fraction: float = 0.5  # share of r = t samples trained on the teacher's velocity
+    fixed_interval_fraction: float = 0.1  # share on [0, 1], [0, .5], [.5, 1]
+    teacher_cfg: float = 1.0  # classifier-free guidance inside the teacher target (1 = off)
+
+    # --- bookkeeping -----------------------------------------------------------------------------
+    log_every: int = 10
+    val_every: int = 200
+    val_steps: int = 0  # sampling steps at validation (0: 1 for meanflow, 25 for flow)
+    val_count: int = 4
+    val_crop: int = 128
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    resume: bool = False
+    export_steps: int = 0  # default sampling steps stored in the bundle (0: 1 for meanflow, 25 for flow)
+    process_size: int = 0  # stored in the bundle (0: 4 x crop / scale... i.e. the training crop)
+
+    def validate(self) -> None:
+        if self.stage not in ("flow", "meanflow"):
+            raise SystemExit(f"config: stage must be 'flow' or 'meanflow', not {self.stage!r}")
+        if self.trainable not in ("all", "control"):
+            raise SystemExit(f"config: trainable must be 'all' or 'control', not {self.trainable!r}")
+        if self.degradation not in ("realesrgan", "bicubic"):
+            raise SystemExit(f"config: degradation must be 'realesrgan' or 'bicubic', not {self.degradation!r}")
+        if self.crop % (8 * self.scale):
+            raise SystemExit(f"config: crop ({self.crop}) must be a multiple of 8 x scale ({8 * self.scale})")
+        if not self.train_dir and not self.cache_latents:
+            raise SystemExit("config: train_dir (a folder of HR images) is required")
+        if not 0 <= self.boundary_fraction + self.fixed_interval_fraction <= 1:
+            raise SystemExit("config: boundary_fraction + fixed_interval_fraction must be in [0, 1]")
+
+
+def _parse_file(path: Path) -> dict[str, Any]:
+    text = path.read_text()
+    if path.suffix == ".toml":
+        import tomllib
+
+        return tomllib.loads(text)
+    import yaml
+
+    return yaml.safe_load(text) or {}
+
+
+def _cast(kind: Any, value: str) -> Any:
+    text = str(kind)
+    if value.lower() in ("none", "null") and "None" in text:
+        return None
+    if "bool" in text:
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise argparse.ArgumentTypeError(f"expected true/false, got {value!r}")
+    if "int" in text and "float" not in text:
+        return int(value)
+    if "float" in text:
+        return float(value)
+    return value
+
+
+def load_config(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Namespace]:
+    """``--config FILE`` then ``--<field> VALUE`` overrides; returns the config and extra args."""
+    parser = argparse.ArgumentParser(description="SMFSR trainer (run it with accelerate launch)")
+    parser.add_argument("--config", help="YAML or TOML file")
+    parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA weights and exit")
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        if f.name == "resume":
+            parser.add_argument(flag, action="store_true", default=None, help="resume from the latest checkpoint")
+            continue
+        parser.add_argument(flag, dest=f.name, default=None, type=lambda v, k=hints[f.name]: _cast(k, v))
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        values = _parse_file(Path(args.config))
+        unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
+        if unknown:
+            raise SystemExit(f"{args.config}: unknown settings {sorted(unknown)}")
+    for f in dataclasses.fields(TrainConfig):
+        if getattr(args, f.name) is not None:
+            values[f.name] = getattr(args, f.name)
+    config = TrainConfig(**values)
+    config.validate()
+    return config, args
+
+
+def dump(config: TrainConfig) -> str:
+    return json.dumps(dataclasses.asdict(config), indent=2)
+
+
+__all__ = ["TrainConfig", "load_config", "dump", "field"]

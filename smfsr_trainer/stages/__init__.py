@@ -1,0 +1,8 @@
+"""Training stages, each the loss it adds: ``flow`` (the teacher) and ``meanflow`` (ISC distillation)."""
+
+from .common import Condition, average_velocity_fn, guided, velocity_fn
+from .flow import drop_text, flow_matching_loss
+from .meanflow import meanflow_loss, student_from_teacher
+
+__all__ = ["Condition", "average_velocity_fn", "drop_text", "flow_matching_loss", "guided", "meanflow_loss",
+           "student_from_teacher", "velocity_fn"]

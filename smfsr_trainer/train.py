@@ -1,0 +1,380 @@
+"""SMFSR trainer. ``accelerate launch smfsr_trainer/train.py --config CONFIG [--<setting> VALUE ...]``
+
+One loop for every stage; a stage is the loss it adds:
+  flow      an LR-conditioned flow-matching teacher (DiT4SR recipe)           -> flow.safetensors
+  meanflow  the SMFSR student, distilled from the frozen teacher with ISC     -> meanflow.safetensors
+Checkpoints (``checkpoint-<step>/``, written atomically) hold the accelerate state plus the EMA
+weights (safetensors) and the step; ``--resume`` continues from the latest one. Every stage
+exports its EMA weights as a bundle that ``smfsr upscale`` and the doors load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script by accelerate launch
+    sys.path.insert(0, str(ROOT))
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from accelerate import Accelerator  # noqa: E402
+from accelerate.utils import set_seed  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from smfsr import meanflow  # noqa: E402
+from smfsr.checkpoint import (  # noqa: E402
+    Bundle, PipelineDefaults, build_transformer, build_vae, import_vae, load_model, read_header, read_prompt_file,
+    save_bundle,
+)
+from smfsr.codec import LatentCodec  # noqa: E402
+from smfsr.models.presets import TEACHER_OF, transformer_config, vae_config  # noqa: E402
+from smfsr_trainer.config import TrainConfig, dump, load_config  # noqa: E402
+from smfsr_trainer.data import EpochSampler, SRPairs  # noqa: E402
+from smfsr_trainer.ema import EMA  # noqa: E402
+from smfsr_trainer.stages import (  # noqa: E402
+    Condition, average_velocity_fn, drop_text, flow_matching_loss, guided, meanflow_loss, student_from_teacher,
+    velocity_fn,
+)
+
+log = logging.getLogger("smfsr.trainer")
+
+
+# ----------------------------------------------------------------------------------------------
+# networks
+
+
+@dataclass
+class Networks:
+    trained: torch.nn.Module  # the network this stage trains and exports
+    teacher: torch.nn.Module | None  # frozen (meanflow)
+    codec: LatentCodec  # frozen VAE + latent normalisation
+    prompt: tuple[torch.Tensor, torch.Tensor]  # (embeds, pooled) used for every sample
+    null: tuple[torch.Tensor, torch.Tensor]  # the empty prompt, for text dropout and CFG
+
+
+def load_vae(config: TrainConfig, fallback: Bundle | None) -> tuple[torch.nn.Module, float, float]:
+    if config.vae:
+        metadata, _ = read_header(config.vae) if Path(config.vae).is_file() else ({}, {})
+        if "smfsr_format" in metadata:
+            bundle = load_model(config.vae)
+            if bundle.vae is None:
+                raise SystemExit(f"{config.vae} has no VAE")
+            return bundle.vae, bundle.defaults.vae_scaling_factor, bundle.defaults.vae_shift_factor
+        vae = import_vae(config.vae)
+        return vae, float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
+    if fallback is not None and fallback.vae is not None:
+        return fallback.vae, fallback.defaults.vae_scaling_factor, fallback.defaults.vae_shift_factor
+    if config.vae_preset:
+        cfg = vae_config(config.vae_preset)
+        torch.manual_seed(config.seed)
+        return build_vae(cfg), float(cfg["scaling_factor"]), float(cfg["shift_factor"])
+    raise SystemExit("config: set vae (a bundle or diffusers VAE) or vae_preset")
+
+
+def text(config: TrainConfig, path: str | None, joint: int, pooled: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if path:
+        return read_prompt_file(path)
+    return torch.zeros(1, 1, joint), torch.zeros(1, pooled)  # a "null" prompt for caption-free training
+
+
+def build_networks(config: TrainConfig) -> Networks:
+    teacher_bundle = None
+    if config.stage == "flow":
+        if config.init:
+            teacher_bundle = load_model(config.init)
+            trained = teacher_bundle.transformer
+        else:
+            torch.manual_seed(config.seed)
+            trained = build_transformer(transformer_config(TEACHER_OF.get(config.preset, config.preset)))
+        if trained.is_average_velocity:
+            raise SystemExit("stage flow trains a flow teacher; the init model is an average-velocity (mean-flow) model")
+        teacher = None
+    else:
+        path = config.teacher or str(Path(config.output_dir) / "flow.safetensors")
+        if not Path(path).exists():
+            raise SystemExit(f"stage meanflow needs a teacher: {path} does not exist (run stage flow, or set teacher)")
+        teacher_bundle = load_model(path)
+        teacher = teacher_bundle.transformer.eval().requires_grad_(False)
+        if teacher.is_average_velocity:
+            raise SystemExit(f"{path} is already a mean-flow model; the teacher must be a flow model")
+        trained = student_from_teacher(teacher)
+    if config.gradient_checkpointing:
+        trained.enable_gradient_checkpointing()
+    select_trainable(trained, config.trainable)
+
+    vae, scale, shift = load_vae(config, teacher_bundle)
+    vae.eval().requires_grad_(False)
+    c = trained.config
+    prompt = text(config, config.prompt_embeds, c.joint_attention_dim, c.pooled_projection_dim)
+    if teacher_bundle is not None and teacher_bundle.prompt_embeds is not None and not config.prompt_embeds:
+        prompt = (teacher_bundle.prompt_embeds, teacher_bundle.prompt_pooled)
+    null = text(config, config.null_prompt_embeds, c.joint_attention_dim, c.pooled_projection_dim)
+    return Networks(trained, teacher, LatentCodec(vae, scale, shift, tiling=None), prompt, null)
+
+
+def select_trainable(model: torch.nn.Module, mode: str) -> None:
+    """``all``, or ``control``: only the DiT4SR LR-stream layers (+ the interval embedding, which a
+    student initialised from a teacher must learn)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(mode == "all" or "control" in name or "interval_embedder" in name)
+
+
+# ----------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def checkpoints(out: Path) -> list[Path]:
+    return sorted(p for p in out.glob("checkpoint-*") if p.is_dir())
+
+
+def save_checkpoint(accelerator: Accelerator, out: Path, step: int, micro: int, ema: EMA, keep: int) -> Path:
+    """accelerate state + EMA (safetensors) + step, written to a temporary folder then renamed."""
+    final, tmp = out / f"checkpoint-{step:08d}", out / f".checkpoint-{step:08d}.tmp"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"),
+                  metadata={"decay": str(ema.decay)})
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "micro": micro}))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoints(out)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA) -> tuple[int, int]:
+    accelerator.load_state(str(path))
+    ema.shadow = {k: v.float() for k, v in load_file(str(path / "ema.safetensors")).items()}
+    state = json.loads((path / "trainer_state.json").read_text())
+    return int(state["step"]), int(state["micro"])
+
+
+# ----------------------------------------------------------------------------------------------
+# export and validation
+
+
+def stage_steps(config: TrainConfig, value: int) -> int:
+    return value or (1 if config.stage == "meanflow" else 25)
+
+
+def ema_model(nets: Networks, ema: EMA) -> torch.nn.Module:
+    model = build_transformer(dict(nets.trained.config))
+    ema.copy_to(model)
+    return model.eval().requires_grad_(False)
+
+
+def to_bundle(config: TrainConfig, nets: Networks, model: torch.nn.Module) -> Bundle:
+    tile = max(16, 2 * config.crop // 8)
+    defaults = PipelineDefaults(
+        upscale=config.scale, steps=stage_steps(config, config.export_steps),
+        process_size=config.process_size or config.crop, vae_scaling_factor=nets.codec.scaling_factor,
+        vae_shift_factor=nets.codec.shift_factor, latent_tile=tile, latent_overlap=tile // 4, flow_shift=1.0,
+    )
+    return Bundle(transformer=model, vae=nets.codec.vae, prompt_embeds=nets.prompt[0], prompt_pooled=nets.prompt[1],
+                  defaults=defaults, license="Apache-2.0 (weights trained with the SMFSR trainer)",
+                  provenance=f"smfsr_trainer stage {config.stage}, config: {json.dumps(dump_short(config))}")
+
+
+def dump_short(config: TrainConfig) -> dict:
+    keys = ("stage", "preset", "crop", "scale", "degradation", "batch_size", "learning_rate", "max_steps",
+            "boundary_fraction", "fixed_interval_fraction", "seed")
+    return {k: getattr(config, k) for k in keys}
+
+
+def export(config: TrainConfig, nets: Networks, ema: EMA) -> Path:
+    path = Path(config.output_dir) / f"{config.stage}.safetensors"
+    return save_bundle(path, to_bundle(config, nets, ema_model(nets, ema)), overwrite=True)
+
+
+@torch.no_grad()
+def validate(config: TrainConfig, nets: Networks, ema: EMA, accelerator: Accelerator, step: int) -> dict[str, float]:
+    from kornia.metrics import psnr, ssim
+
+    from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
+
+    data = SRPairs(config.val_dir, crop=config.val_crop, scale=config.scale, degradation=config.degradation,
+                   seed=config.seed, train=False)
+    items = [data[i] for i in range(min(config.val_count, len(data)))]
+    hr = torch.stack([it["hr"] for it in items])
+    lr = torch.stack([it["lr"] for it in items])
+    upscaler = SMFSRUpscaler(to_bundle(config, nets, ema_model(nets, ema).to(accelerator.device)))
+    upscaler.codec.tiling = None
+    sr = upscaler(lr, UpscaleOptions(steps=stage_steps(config, config.val_steps), seed=0), seeds=list(range(len(lr))))
+    metrics = {"val/psnr": psnr(sr, hr, 1.0).mean().item(), "val/ssim": ssim(sr, hr, 11).mean().item()}
+    tracker = _tensorboard(accelerator)
+    if tracker is not None:
+        bicubic = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic").clamp(0, 1)
+        tracker.writer.add_images("val/bicubic|sr|hr", torch.cat([bicubic, sr, hr], -1), step)
+    return metrics
+
+
+def _tensorboard(accelerator: Accelerator):
+    try:
+        return accelerator.get_tracker("tensorboard", unwrap=False)
+    except Exception:
+        return None
+
+
+# ----------------------------------------------------------------------------------------------
+# the loop
+
+
+def make_accelerator(config: TrainConfig) -> Accelerator:
+    try:
+        import tensorboard  # noqa: F401
+
+        log_with = "tensorboard"
+    except ImportError:
+        log_with = None
+    return Accelerator(
+        mixed_precision=config.mixed_precision,
+        gradient_accumulation_steps=config.gradient_accumulation_steps,
+        log_with=log_with,
+        project_dir=config.output_dir,
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+def step_generator(config: TrainConfig, micro: int, rank: int) -> torch.Generator:
+    """The randomness of one micro-batch (times, noise, dropout): a function of the step alone."""
+    return torch.Generator().manual_seed(((config.seed * 1_000_003 + micro) * 1_009 + rank) % (2**63))
+
+
+def encode(nets: Networks, batch: dict, device: torch.device) -> tuple[torch.Tensor, Condition]:
+    hr, lr = batch["hr"].to(device), batch["lr"].to(device)
+    control = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    with torch.no_grad():
+        x = nets.codec.encode(hr).float()  # posterior means: the training targets
+        lr_latent = nets.codec.encode(control).float()
+    n = hr.shape[0]
+    embeds, pooled = (t.to(device).expand(n, *t.shape[1:]) for t in nets.prompt)
+    return x, Condition(lr_latent, embeds, pooled)
+
+
+def compute_loss(config: TrainConfig, nets: Networks, model, x: torch.Tensor, cond: Condition,
+                 g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
+    device, n = x.device, x.shape[0]
+    noise = torch.randn(x.shape, generator=g).to(device)
+    null = Condition(cond.lr_latent, nets.null[0].to(device).expand_as(cond.embeds), nets.null[1].to(device).expand_as(cond.pooled))
+    if config.stage == "flow":
+        t = meanflow.logit_normal(n, config.time_mu, config.time_sigma, generator=g).to(device)
+        cond = drop_text(cond, null, config.null_text_prob, g)
+        loss = flow_matching_loss(velocity_fn(model), x, noise, t, cond, precondition=config.precondition)
+        return loss, {}
+    r, t = meanflow.sample_time_pairs(n, boundary_fraction=config.boundary_fraction,
+                                      fixed_interval_fraction=config.fixed_interval_fraction,
+                                      mu=config.time_mu, sigma=config.time_sigma, generator=g)
+    lam = torch.rand(n, generator=g)
+    teacher_v = guided(velocity_fn(nets.teacher), config.teacher_cfg, null.embeds[:1], null.pooled[:1])
+    unwrapped = model.module if hasattr(model, "module") else model
+    return meanflow_loss(average_velocity_fn(model), average_velocity_fn(unwrapped), teacher_v, x, noise,
+                         r.to(device), t.to(device), lam.to(device), cond)
+
+
+def main(argv: list[str] | None = None) -> Path:
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    config, args = load_config(argv)
+    out = Path(config.output_dir)
+    accelerator = make_accelerator(config)
+    set_seed(config.seed)
+    nets = build_networks(config)
+    device = accelerator.device
+    nets.codec.vae.to(device)
+    if nets.teacher is not None:
+        nets.teacher.to(device)
+
+    ema = EMA(nets.trained, config.ema_decay)
+    params = [p for p in nets.trained.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=config.weight_decay)
+    dataset = SRPairs(config.train_dir, crop=config.crop, scale=config.scale, degradation=config.degradation,
+                      lr_dir=config.lr_dir, seed=config.seed)
+    sampler = EpochSampler(len(dataset), config.seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
+                        drop_last=len(dataset) >= config.batch_size)
+    model, optimizer, loader = accelerator.prepare(nets.trained, optimizer, loader)
+
+    step = micro = 0
+    if config.resume or args.export_only:
+        found = checkpoints(out)
+        if found:
+            step, micro = load_checkpoint(accelerator, found[-1], ema)
+            accelerator.print(f"resumed from {found[-1]} at step {step}")
+        elif args.export_only:
+            raise SystemExit(f"no checkpoint in {out} to export")
+    if args.export_only:
+        path = export(config, nets, ema) if accelerator.is_main_process else None
+        accelerator.print(f"exported {path}")
+        return path
+
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"{config.stage}_config.json").write_text(dump(config))
+        accelerator.init_trackers("smfsr", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
+                                                   for k, v in json.loads(dump(config)).items()})
+    per_epoch = max(1, len(loader))
+    started, logged = time.time(), []
+    while step < config.max_steps:
+        epoch, skip = divmod(micro, per_epoch)
+        sampler.set_epoch(epoch)
+        dataset.set_epoch(epoch)
+        batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        for batch in batches:
+            with accelerator.accumulate(model):
+                x, cond = encode(nets, batch, device)
+                g = step_generator(config, micro, accelerator.process_index)
+                with accelerator.autocast():
+                    loss, parts = compute_loss(config, nets, model, x, cond, g)
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and config.max_grad_norm > 0:
+                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            micro += 1
+            logged.append(loss.item())
+            if not accelerator.sync_gradients:
+                continue
+            step += 1
+            ema.update(accelerator.unwrap_model(model))
+            if step % config.log_every == 0 or step == config.max_steps:
+                values = {"loss": sum(logged) / len(logged), **parts, "lr": config.learning_rate}
+                accelerator.log({f"train/{k}": v for k, v in values.items()}, step=step)
+                accelerator.print(f"step {step}/{config.max_steps} loss {values['loss']:.4f} "
+                                  + " ".join(f"{k} {v:.4f}" for k, v in parts.items())
+                                  + f" ({(time.time() - started) / step:.2f} s/step)")
+                logged = []
+            if config.val_dir and config.val_every and step % config.val_every == 0 and accelerator.is_main_process:
+                metrics = validate(config, nets, ema, accelerator, step)
+                accelerator.log(metrics, step=step)
+                accelerator.print(f"step {step} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+            if step % config.checkpoint_every == 0 and step < config.max_steps:
+                save_checkpoint(accelerator, out, step, micro, ema, config.keep_checkpoints)
+            if step >= config.max_steps:
+                break
+    save_checkpoint(accelerator, out, step, micro, ema, config.keep_checkpoints)
+    path = None
+    if accelerator.is_main_process:
+        path = export(config, nets, ema)
+        accelerator.print(f"exported {path}")
+    accelerator.end_training()
+    return path
+
+
+if __name__ == "__main__":
+    main()
