@@ -3,8 +3,8 @@
 One loop for every stage; a stage is the loss it adds:
   flow      an LR-conditioned flow-matching teacher (DiT4SR recipe)           -> flow.safetensors
   meanflow  the SMFSR student, distilled from the frozen teacher with ISC     -> meanflow.safetensors
-Checkpoints (``checkpoint-<step>/``, written atomically) hold the accelerate state plus the EMA
-weights (safetensors) and the step; ``--resume`` continues from the latest one. Every stage
+Checkpoints (``<output_dir>/<stage>/checkpoint-<step>/``, written atomically) hold the accelerate
+state plus the EMA weights (safetensors) and the step; ``--resume`` continues from the stage's latest. Every stage
 exports its EMA weights as a bundle that ``smfsr upscale`` and the doors load.
 """
 
@@ -234,6 +234,16 @@ def _tensorboard(accelerator: Accelerator):
 # the loop
 
 
+def weights_digest(model: torch.nn.Module) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for key, value in sorted(model.state_dict().items()):
+        h.update(key.encode())
+        h.update(value.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
 def make_accelerator(config: TrainConfig) -> Accelerator:
     try:
         import tensorboard  # noqa: F401
@@ -245,7 +255,7 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         mixed_precision=config.mixed_precision,
         gradient_accumulation_steps=config.gradient_accumulation_steps,
         log_with=log_with,
-        project_dir=config.output_dir,
+        project_dir=str(Path(config.output_dir) / config.stage),
         cpu=not torch.cuda.is_available(),
     )
 
@@ -290,7 +300,7 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     config, args = load_config(argv)
-    out = Path(config.output_dir)
+    out = Path(config.output_dir) / config.stage  # checkpoints and logs of this stage
     accelerator = make_accelerator(config)
     set_seed(config.seed)
     nets = build_networks(config)
@@ -305,9 +315,11 @@ def main(argv: list[str] | None = None) -> Path:
                                   weight_decay=config.weight_decay)
     dataset = SRPairs(config.train_dir, crop=config.crop, scale=config.scale, degradation=config.degradation,
                       lr_dir=config.lr_dir, seed=config.seed)
-    sampler = EpochSampler(len(dataset), config.seed)
-    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=sampler, num_workers=config.num_workers,
-                        drop_last=len(dataset) >= config.batch_size)
+    if len(dataset) < config.batch_size * accelerator.num_processes:
+        raise SystemExit(f"data: {len(dataset)} images cannot fill one batch of {config.batch_size} on each of "
+                         f"{accelerator.num_processes} processes; add images or lower batch_size")
+    loader = DataLoader(dataset, batch_size=config.batch_size, sampler=EpochSampler(len(dataset), config.seed),
+                        num_workers=config.num_workers, drop_last=True)
     model, optimizer, loader = accelerator.prepare(nets.trained, optimizer, loader)
 
     step = micro = 0
@@ -325,16 +337,17 @@ def main(argv: list[str] | None = None) -> Path:
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"{config.stage}_config.json").write_text(dump(config))
+        (out / "config.json").write_text(dump(config))
         accelerator.init_trackers("smfsr", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                    for k, v in json.loads(dump(config)).items()})
     per_epoch = max(1, len(loader))
     started, logged = time.time(), []
     while step < config.max_steps:
         epoch, skip = divmod(micro, per_epoch)
-        sampler.set_epoch(epoch)
-        dataset.set_epoch(epoch)
         batches = accelerator.skip_first_batches(loader, skip) if skip else loader
+        # accelerate's loaders keep their own epoch counter (restarting at 0 after a resume) and
+        # push it into the sampler on every pass: set ours on the loader we iterate.
+        batches.set_epoch(epoch)
         for batch in batches:
             with accelerator.accumulate(model):
                 x, cond = encode(nets, batch, device)
@@ -368,6 +381,8 @@ def main(argv: list[str] | None = None) -> Path:
             if step >= config.max_steps:
                 break
     save_checkpoint(accelerator, out, step, micro, ema, config.keep_checkpoints)
+    if os.environ.get("SMFSR_RANK_DIGESTS"):  # diagnostic: each rank's weights, to check DDP kept them in sync
+        (out / f"weights-rank{accelerator.process_index}.sha256").write_text(weights_digest(accelerator.unwrap_model(model)))
     path = None
     if accelerator.is_main_process:
         path = export(config, nets, ema)
