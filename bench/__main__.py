@@ -14,6 +14,7 @@ from .harness import report
 COMPARISONS = {
     "steps": "bench.steps",  # one SMFSR step vs a 40-step teacher
     "tiled_vae": "bench.tiled_vae",  # exact / fast / diffusers tiled VAE vs untiled
+    "training_step": "bench.training_step",  # ISC vs MeanFlow JVP training step
 }
 
 

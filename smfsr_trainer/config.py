@@ -13,7 +13,7 @@ from typing import Any, get_type_hints
 
 @dataclass
 class TrainConfig:
-    stage: str = "flow"  # flow (LR-conditioned teacher) | meanflow (ISC distillation)
+    stage: str = "flow"  # vae (a codec for from-scratch models) | flow (the LR-conditioned teacher) | meanflow (ISC)
     output_dir: str = "runs/tiny"
     seed: int = 0
 
@@ -55,6 +55,9 @@ class TrainConfig:
     time_mu: float = 0.0
     time_sigma: float = 1.0
 
+    # --- vae stage -------------------------------------------------------------------------------
+    kl_weight: float = 1e-6
+
     # --- meanflow stage (SplitMeanFlow, method.md 1.3) -------------------------------------------
     boundary_fraction: float = 0.5  # share of r = t samples trained on the teacher's velocity
     fixed_interval_fraction: float = 0.1  # share on [0, 1], [0, .5], [.5, 1]
@@ -73,8 +76,8 @@ class TrainConfig:
     process_size: int = 0  # stored in the bundle (0: 4 x crop / scale... i.e. the training crop)
 
     def validate(self) -> None:
-        if self.stage not in ("flow", "meanflow"):
-            raise SystemExit(f"config: stage must be 'flow' or 'meanflow', not {self.stage!r}")
+        if self.stage not in ("vae", "flow", "meanflow"):
+            raise SystemExit(f"config: stage must be 'vae', 'flow' or 'meanflow', not {self.stage!r}")
         if self.trainable not in ("all", "control"):
             raise SystemExit(f"config: trainable must be 'all' or 'control', not {self.trainable!r}")
         if self.degradation not in ("realesrgan", "bicubic"):

@@ -1,6 +1,7 @@
 """SMFSR trainer. ``accelerate launch smfsr_trainer/train.py --config CONFIG [--<setting> VALUE ...]``
 
 One loop for every stage; a stage is the loss it adds:
+  vae       a small AutoencoderKL, for models trained from scratch            -> vae_model/ (diffusers)
   flow      an LR-conditioned flow-matching teacher (DiT4SR recipe)           -> flow.safetensors
   meanflow  the SMFSR student, distilled from the frozen teacher with ISC     -> meanflow.safetensors
 Checkpoints (``<output_dir>/<stage>/checkpoint-<step>/``, written atomically) hold the accelerate
@@ -42,8 +43,8 @@ from smfsr_trainer.config import TrainConfig, dump, load_config  # noqa: E402
 from smfsr_trainer.data import EpochSampler, SRPairs  # noqa: E402
 from smfsr_trainer.ema import EMA  # noqa: E402
 from smfsr_trainer.stages import (  # noqa: E402
-    Condition, average_velocity_fn, drop_text, flow_matching_loss, guided, meanflow_loss, student_from_teacher,
-    velocity_fn,
+    Condition, average_velocity_fn, drop_text, flow_matching_loss, guided, latent_statistics, meanflow_loss,
+    student_from_teacher, vae_loss, velocity_fn,
 )
 
 log = logging.getLogger("smfsr.trainer")
@@ -57,7 +58,7 @@ log = logging.getLogger("smfsr.trainer")
 class Networks:
     trained: torch.nn.Module  # the network this stage trains and exports
     teacher: torch.nn.Module | None  # frozen (meanflow)
-    codec: LatentCodec  # frozen VAE + latent normalisation
+    codec: LatentCodec | None  # frozen VAE + latent normalisation (None in stage vae)
     prompt: tuple[torch.Tensor, torch.Tensor]  # (embeds, pooled) used for every sample
     null: tuple[torch.Tensor, torch.Tensor]  # the empty prompt, for text dropout and CFG
 
@@ -89,6 +90,11 @@ def text(config: TrainConfig, path: str | None, joint: int, pooled: int) -> tupl
 
 def build_networks(config: TrainConfig) -> Networks:
     teacher_bundle = None
+    if config.stage == "vae":
+        torch.manual_seed(config.seed)
+        vae = import_vae(config.init) if config.init else build_vae(vae_config(config.vae_preset or "small"))
+        empty = (torch.zeros(0), torch.zeros(0))
+        return Networks(vae.train(), None, None, empty, empty)
     if config.stage == "flow":
         if config.init:
             teacher_bundle = load_model(config.init)
@@ -197,8 +203,23 @@ def dump_short(config: TrainConfig) -> dict:
 
 
 def export(config: TrainConfig, nets: Networks, ema: EMA) -> Path:
+    if config.stage == "vae":
+        return export_vae(config, nets, ema)
     path = Path(config.output_dir) / f"{config.stage}.safetensors"
     return save_bundle(path, to_bundle(config, nets, ema_model(nets, ema)), overwrite=True)
+
+
+def export_vae(config: TrainConfig, nets: Networks, ema: EMA) -> Path:
+    """The EMA VAE as a diffusers folder, its latent scale/shift measured on training crops."""
+    vae = build_vae(dict(nets.trained.config))
+    ema.copy_to(vae)
+    data = SRPairs(config.train_dir, crop=config.crop, scale=config.scale, degradation="bicubic", seed=config.seed + 1)
+    images = torch.stack([data[i]["hr"] for i in range(min(len(data), 32))])
+    scale, shift = latent_statistics(vae.eval(), images)
+    vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+    path = Path(config.output_dir) / "vae_model"
+    vae.save_pretrained(path, safe_serialization=True)
+    return path
 
 
 @torch.no_grad()
@@ -212,6 +233,12 @@ def validate(config: TrainConfig, nets: Networks, ema: EMA, accelerator: Acceler
     items = [data[i] for i in range(min(config.val_count, len(data)))]
     hr = torch.stack([it["hr"] for it in items])
     lr = torch.stack([it["lr"] for it in items])
+    if config.stage == "vae":
+        vae = build_vae(dict(nets.trained.config))
+        ema.copy_to(vae)
+        codec = LatentCodec(vae.eval(), 1.0, 0.0)
+        recon = codec.decode(codec.encode(hr))
+        return {"val/psnr": psnr(recon, hr, 1.0).mean().item(), "val/ssim": ssim(recon, hr, 11).mean().item()}
     upscaler = SMFSRUpscaler(to_bundle(config, nets, ema_model(nets, ema).to(accelerator.device)))
     upscaler.codec.tiling = None
     sr = upscaler(lr, UpscaleOptions(steps=stage_steps(config, config.val_steps), seed=0), seeds=list(range(len(lr))))
@@ -276,9 +303,12 @@ def encode(nets: Networks, batch: dict, device: torch.device) -> tuple[torch.Ten
     return x, Condition(lr_latent, embeds, pooled)
 
 
-def compute_loss(config: TrainConfig, nets: Networks, model, x: torch.Tensor, cond: Condition,
-                 g: torch.Generator) -> tuple[torch.Tensor, dict[str, float]]:
-    device, n = x.device, x.shape[0]
+def compute_loss(config: TrainConfig, nets: Networks, model, batch: dict, g: torch.Generator,
+                 device: torch.device) -> tuple[torch.Tensor, dict[str, float]]:
+    if config.stage == "vae":
+        return vae_loss(model, batch["hr"].to(device), g, config.kl_weight)
+    x, cond = encode(nets, batch, device)
+    n = x.shape[0]
     noise = torch.randn(x.shape, generator=g).to(device)
     null = Condition(cond.lr_latent, nets.null[0].to(device).expand_as(cond.embeds), nets.null[1].to(device).expand_as(cond.pooled))
     if config.stage == "flow":
@@ -305,7 +335,8 @@ def main(argv: list[str] | None = None) -> Path:
     set_seed(config.seed)
     nets = build_networks(config)
     device = accelerator.device
-    nets.codec.vae.to(device)
+    if nets.codec is not None:
+        nets.codec.vae.to(device)
     if nets.teacher is not None:
         nets.teacher.to(device)
 
@@ -313,7 +344,9 @@ def main(argv: list[str] | None = None) -> Path:
     params = [p for p in nets.trained.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=config.weight_decay)
-    dataset = SRPairs(config.train_dir, crop=config.crop, scale=config.scale, degradation=config.degradation,
+    # the vae stage uses only HR crops: skip the costly degradation
+    degradation = "bicubic" if config.stage == "vae" else config.degradation
+    dataset = SRPairs(config.train_dir, crop=config.crop, scale=config.scale, degradation=degradation,
                       lr_dir=config.lr_dir, seed=config.seed)
     if len(dataset) < config.batch_size * accelerator.num_processes:
         raise SystemExit(f"data: {len(dataset)} images cannot fill one batch of {config.batch_size} on each of "
@@ -350,10 +383,9 @@ def main(argv: list[str] | None = None) -> Path:
         batches.set_epoch(epoch)
         for batch in batches:
             with accelerator.accumulate(model):
-                x, cond = encode(nets, batch, device)
                 g = step_generator(config, micro, accelerator.process_index)
                 with accelerator.autocast():
-                    loss, parts = compute_loss(config, nets, model, x, cond, g)
+                    loss, parts = compute_loss(config, nets, model, batch, g, device)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients and config.max_grad_norm > 0:
                     accelerator.clip_grad_norm_(params, config.max_grad_norm)

@@ -56,7 +56,7 @@ def fixed_batch_loss(config_args: list[str], photos: Path, out: Path, state: dic
     """The stage loss on one fixed batch, for a model with the given weights."""
     from smfsr_trainer.config import load_config
     from smfsr_trainer.data import SRPairs
-    from smfsr_trainer.train import build_networks, compute_loss, encode, step_generator
+    from smfsr_trainer.train import build_networks, compute_loss, step_generator
 
     config, _ = load_config(["--config", TINY, "--train-dir", str(photos), "--output-dir", str(out), *config_args])
     nets = build_networks(config)
@@ -64,8 +64,7 @@ def fixed_batch_loss(config_args: list[str], photos: Path, out: Path, state: dic
         nets.trained.load_state_dict(state)
     data = SRPairs(str(photos), crop=64, scale=4, degradation="bicubic", seed=0)
     batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("hr", "lr")}
-    x, cond = encode(nets, batch, torch.device("cpu"))
-    return nets, compute_loss(config, nets, nets.trained, x, cond, step_generator(config, 12345, 0))
+    return nets, compute_loss(config, nets, nets.trained, batch, step_generator(config, 12345, 0), torch.device("cpu"))
 
 
 def exported_transformer_state(path: Path) -> dict:
@@ -190,3 +189,23 @@ def test_isc_distillation_beats_the_teachers_one_step_on_a_toy_problem(capsys):
     assert r.student_1 < 0.35 * r.teacher_1  # one student step is far better than one teacher step
     assert r.student_1 < 4 * r.teacher_50  # and within a small factor of 50 teacher steps
     assert r.student_2 < 2 * r.teacher_50
+
+
+def test_vae_stage_trains_a_codec_with_measured_latent_statistics(photos, tmp_path):
+    from smfsr.checkpoint import import_vae
+    from smfsr_trainer.config import load_config
+    from smfsr_trainer.stages import vae_loss
+    from smfsr_trainer.train import build_networks
+
+    out = tmp_path / "vae"
+    path = train(photos, out, "--stage", "vae", "--vae-preset", "tiny", "--max-steps", "20", "--learning-rate", "0.003")
+    assert path == out / "vae_model" and (path / "config.json").exists()
+    vae = import_vae(path)
+    assert vae.config.scaling_factor != 1.0  # measured on the training crops
+    config, _ = load_config(["--config", TINY, "--train-dir", str(photos), "--stage", "vae", "--vae-preset", "tiny"])
+    fresh = build_networks(config).trained
+    batch = torch.stack([torch.from_numpy(photo_like(64, 64, s)).permute(2, 0, 1).float() / 255 for s in range(4)])
+    g = torch.Generator().manual_seed(0)
+    before, _ = vae_loss(fresh, batch, g, 1e-6)
+    after, _ = vae_loss(vae, batch, torch.Generator().manual_seed(0), 1e-6)
+    assert after.item() < before.item()

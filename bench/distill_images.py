@@ -1,0 +1,72 @@
+"""Distillation on images (issue 4): PSNR/SSIM of the ISC student at 1 step vs its flow teacher at
+1 and 25 steps, on held-out photos, for a run of the trainer (vae -> flow -> meanflow).
+
+    python -m bench.distill_images RUN_DIR VAL_DIR [--crop 256]
+
+Not part of the default ``python -m bench`` run: it needs a trained run (see
+smfsr_trainer/recipes/default/README.md). Results append to bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from .harness import Table, report
+
+
+def sharpness(x: torch.Tensor) -> torch.Tensor:
+    """Mean gradient magnitude per image (a no-reference sharpness measure)."""
+    dx, dy = x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
+    return dx.abs().mean((1, 2, 3)) + dy.abs().mean((1, 2, 3))
+
+
+def evaluate(run: Path, val_dir: Path, crop: int, degradation: str) -> Table:
+    from kornia.metrics import psnr, ssim
+
+    from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions, resize
+    from smfsr_trainer.data import SRPairs
+
+    data = SRPairs(str(val_dir), crop=crop, scale=4, degradation=degradation, seed=1234, train=False)
+    hr = torch.stack([data[i]["hr"] for i in range(len(data))])
+    lr = torch.stack([data[i]["lr"] for i in range(len(data))])
+    seeds = list(range(len(lr)))
+    table = Table(f"Distillation on {len(hr)} held-out photos ({crop} px centre crops, x4, {degradation} LR), run {run}",
+                  ["method", "steps", "PSNR (dB)", "SSIM", "sharpness / ground truth"])
+    gt_sharp = sharpness(hr)
+
+    def row(name: str, steps: int | str, sr: torch.Tensor) -> None:
+        table.add(name, str(steps), f"{psnr(sr, hr, 1.0).mean().item():.2f}", f"{ssim(sr, hr, 11).mean().item():.4f}",
+                  f"{(sharpness(sr) / gt_sharp).mean().item():.3f}")
+
+    row("bicubic", "-", resize(lr, *hr.shape[-2:]))
+    teacher = SMFSRUpscaler.from_pretrained(run / "flow.safetensors", device="cpu", dtype="fp32")
+    student = SMFSRUpscaler.from_pretrained(run / "meanflow.safetensors", device="cpu", dtype="fp32")
+    for up in (teacher, student):
+        up.codec.tiling = None
+    codec = teacher.codec
+    row("VAE reconstruction of HR (ceiling)", "-", codec.decode(codec.encode(hr)))
+    for steps in (1, 25):
+        row("flow teacher (Euler)", steps, teacher(lr, UpscaleOptions(steps=steps), seeds=seeds))
+    for steps in (1, 2):
+        row("SMFSR student (ISC)", steps, student(lr, UpscaleOptions(steps=steps), seeds=seeds))
+    table.notes.append("Colour fix AdaIN (the default); seeds 0..N-1; all models trained by the SMFSR trainer on the "
+                       "training photos only.")
+    return table
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.distill_images")
+    parser.add_argument("run", type=Path)
+    parser.add_argument("val_dir", type=Path)
+    parser.add_argument("--crop", type=int, default=256)
+    parser.add_argument("--degradation", choices=["bicubic", "realesrgan"], default="bicubic")
+    parser.add_argument("--no-write", action="store_true")
+    args = parser.parse_args()
+    report([evaluate(args.run, args.val_dir, args.crop, args.degradation)], write=not args.no_write)
+
+
+if __name__ == "__main__":
+    main()
