@@ -521,14 +521,18 @@ def read_prompt_file(file: str | os.PathLike) -> tuple[torch.Tensor, torch.Tenso
     return embeds, pooled
 
 
-def random_bundle(transformer_preset: str = "tiny", vae_preset: str = "tiny", *, seed: int = 0,
+def random_bundle(transformer_preset: str = "tiny", vae_preset: str | None = None, *, seed: int = 0,
                   prompt_tokens: int = 3, **defaults: Any) -> Bundle:
     """A bundle with randomly initialised networks, for benchmarks and tests (speed does not depend
-    on the weights). Not a model: its output is noise-like."""
-    from .models.presets import transformer_config, vae_config
+    on the weights). Not a model: its output is noise-like. The VAE preset defaults to the one
+    with the network's latent channels."""
+    from .models.presets import VAE_PRESETS, transformer_config, vae_config
 
     torch.manual_seed(seed)
     transformer = build_transformer(transformer_config(transformer_preset)).eval()
+    if vae_preset is None:
+        channels = transformer.config.in_channels
+        vae_preset = next(name for name, cfg in VAE_PRESETS.items() if cfg["latent_channels"] == channels)
     vae_cfg = vae_config(vae_preset)
     vae = build_vae(vae_cfg).eval()
     g = torch.Generator().manual_seed(seed)

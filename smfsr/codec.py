@@ -13,23 +13,41 @@ from dataclasses import dataclass
 import torch
 from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
-from .tiling.vae import VAETiling, tiled_decode, tiled_encode_moments
+from .tiling.vae import VAETiling, decoder_steps, tiled_decode, tiled_encode_moments
+
+
+@dataclass
+class LatentScale:
+    """The normalisation alone, for sampling latents a host's VAE made: z = (z_vae - shift) * scale."""
+
+    scaling_factor: float
+    shift_factor: float
+    vae = None
+
+    def normalize(self, z_vae: torch.Tensor) -> torch.Tensor:
+        return (z_vae - self.shift_factor) * self.scaling_factor
+
+    def denormalize(self, z: torch.Tensor) -> torch.Tensor:
+        return z / self.scaling_factor + self.shift_factor
 
 
 @dataclass
 class LatentCodec:
-    vae: AutoencoderKL
+    """``vae``: a diffusers ``AutoencoderKL`` or an ldm-named VAE module (ComfyUI's
+    ``first_stage_model``): anything with ``encoder``/``decoder`` (+ optional quant convs)."""
+
+    vae: AutoencoderKL | torch.nn.Module
     scaling_factor: float
     shift_factor: float
     tiling: VAETiling | None = None  # None: never tile; otherwise tile above its threshold
 
     @property
     def downscale(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return 2 ** sum(1 for step in decoder_steps(self.vae) if step.scale == 2.0)
 
     @property
     def latent_channels(self) -> int:
-        return int(self.vae.config.latent_channels)
+        return int(decoder_steps(self.vae)[0].in_channels)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -56,7 +74,7 @@ class LatentCodec:
         else:
             with torch.no_grad():
                 moments = self.vae.encoder(x)
-                if self.vae.quant_conv is not None:
+                if getattr(self.vae, "quant_conv", None) is not None:
                     moments = self.vae.quant_conv(moments)
         mean, logvar = moments.chunk(2, dim=1)
         return mean, logvar.clamp(-30.0, 20.0)
@@ -77,7 +95,7 @@ class LatentCodec:
             x = tiled_decode(self.vae, z, self.tiling)
         else:
             with torch.no_grad():
-                if self.vae.post_quant_conv is not None:
+                if getattr(self.vae, "post_quant_conv", None) is not None:
                     z = self.vae.post_quant_conv(z)
                 x = self.vae.decoder(z)
         return ((x.float() + 1) / 2).clamp(0, 1)

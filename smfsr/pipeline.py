@@ -3,12 +3,13 @@
 Steps (official inference, method.md 3):
   1. LR images smaller than process_size / factor on their short side are first enlarged (bicubic);
   2. bicubic x factor, then to a multiple of the latent grid (VAE factor x patch size);
-  3. VAE-encode that "control" image -> normalised LR latent (posterior sample, seeded);
-  4. noise e ~ N(0, I) for the whole latent from the user's seed (tiles take crops of it);
+  3. VAE-encode that "control" image -> the LR posterior (mean, log-variance);
+  4. from the user's seed: noise e ~ N(0, I) for the whole latent (tiles take crops of it), then
+     the LR posterior sample, normalised (``generate``);
   5. 1..N mean-flow steps (x = e - u(e, 0, 1) for one step), the net run on Gaussian-blended
      latent tiles; a flow teacher is integrated with Euler steps instead;
-  6. VAE-decode (tiled above a size threshold) -> colour fix toward the control image;
-  7. resize to exactly scale x the input size.
+  6. VAE-decode (tiled above a size threshold), resize to exactly scale x the input size;
+  7. colour fix toward the input image at that size (AdaIN / wavelet / none).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from PIL import Image
 
 from . import meanflow
 from .checkpoint import Bundle, load_model, to_device
-from .codec import LatentCodec
+from .codec import LatentCodec, LatentScale
 from .color import COLOR_FIXES, color_fix
 from .errors import SMFSRError
 from .imageio import RGBAlpha, check_size, from_pil, to_pil
@@ -92,8 +93,11 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], draws: int = 1) -> 
 class SMFSRUpscaler:
     """Noise-started one-step super-resolution with an SMFSR bundle."""
 
-    def __init__(self, bundle: Bundle, *, vae_tiling: VAETiling | None = None):
-        if bundle.vae is None:
+    def __init__(self, bundle: Bundle, *, vae_tiling: VAETiling | None = None,
+                 codec: LatentCodec | LatentScale | None = None):
+        """``codec`` replaces the bundle's VAE (e.g. a host's VAE); one of the two is required. A
+        ``LatentScale`` allows sampling only (``generate``), for latents a host's VAE encodes."""
+        if bundle.vae is None and codec is None:
             raise SMFSRError(
                 f"{bundle.source or 'this model'} has no VAE. Pass one (--vae path/to/stable-diffusion-3.5-medium/vae), "
                 "or use a bundle that contains its VAE."
@@ -101,14 +105,21 @@ class SMFSRUpscaler:
         self.bundle = bundle
         self.transformer = bundle.transformer
         self.defaults = bundle.defaults
-        self.codec = LatentCodec(bundle.vae, self.defaults.vae_scaling_factor, self.defaults.vae_shift_factor,
-                                 vae_tiling or VAETiling())
-        if self.codec.latent_channels != self.transformer.config.in_channels:
+        self.codec = codec or LatentCodec(bundle.vae, self.defaults.vae_scaling_factor, self.defaults.vae_shift_factor,
+                                          vae_tiling or VAETiling())
+        if self.codec.vae is not None and self.codec.latent_channels != self.transformer.config.in_channels:
             raise SMFSRError(
                 f"the VAE has {self.codec.latent_channels} latent channels but the network expects "
-                f"{self.transformer.config.in_channels}; use the VAE the model was trained with"
+                f"{self.transformer.config.in_channels}; use the VAE the model was trained with "
+                "(SD3.5's 16-channel VAE for the official SMFSR weights)"
             )
         self.prompt_embeds, self.prompt_pooled = bundle.prompt_embeds, bundle.prompt_pooled
+
+    def with_vae(self, vae: torch.nn.Module, tiling: VAETiling | None = None) -> "SMFSRUpscaler":
+        """The same model with another VAE (diffusers or ldm-named), normalised with this model's
+        latent scale and shift."""
+        codec = LatentCodec(vae, self.defaults.vae_scaling_factor, self.defaults.vae_shift_factor, tiling or VAETiling())
+        return SMFSRUpscaler(self.bundle, codec=codec)
 
     @classmethod
     def from_pretrained(
@@ -272,11 +283,39 @@ class SMFSRUpscaler:
             self.codec = replace(self.codec, tiling=o.vae_tiling)
 
         control = self.prepare(images.to(self.device, torch.float32))
-        lh, lw = control.shape[-2] // self.codec.downscale, control.shape[-1] // self.codec.downscale
-        # The start noise, then the LR posterior sample, from each image's own generator.
-        noise, lr_eps = seeded_noise((batch, self.codec.latent_channels, lh, lw), seeds, draws=2)
-        lr_latent = self.codec.encode(control, noise=lr_eps if self.defaults.lr_latent == "sample" else None)
-        lr_latent = lr_latent.to(self.dtype)
+        mean, logvar = self.codec.moments(control)
+        latent = self.generate(mean, logvar, seeds=seeds, steps=steps, tile=tile, overlap=overlap,
+                               embeds=embeds, pooled=pooled, progress=progress)
+        sr = self.codec.decode(latent)
+        out_h, out_w = max(1, round(height * scale)), max(1, round(width * scale))
+        # Colour is taken from the input itself, bicubic to the output size (the Color Fix node
+        # does the same, so the modular ComfyUI chain gives these exact pixels).
+        out = resize(sr, out_h, out_w)
+        return color_fix(out, resize(images.to(out.device, torch.float32), out_h, out_w), fix).cpu()
+
+    def generate(
+        self,
+        mean: torch.Tensor,
+        logvar: torch.Tensor | None,
+        *,
+        seeds: Sequence[int],
+        steps: int,
+        tile: int,
+        overlap: int,
+        embeds: torch.Tensor,
+        pooled: torch.Tensor,
+        progress: ProgressFn | None = None,
+    ) -> torch.Tensor:
+        """The noise-started sampling, from the LR posterior (raw VAE space) to a normalised latent.
+
+        Each image's generator draws the start noise, then the LR posterior sample: the same seed
+        gives the same result from every door. ``logvar=None`` uses the posterior mean."""
+        batch, channels, lh, lw = mean.shape
+        noise, lr_eps = seeded_noise((batch, channels, lh, lw), seeds, draws=2)
+        z_lr = mean
+        if logvar is not None and self.defaults.lr_latent == "sample":
+            z_lr = mean + torch.exp(0.5 * logvar) * lr_eps.to(mean.device, mean.dtype)
+        lr_latent = self.codec.normalize(z_lr.float()).to(self.device, self.dtype)
 
         while True:  # on out-of-memory, halve the latent tile and try again (down to MIN_LATENT_TILE)
             total = steps * self.tiles_per_step(lh, lw, tile, overlap)
@@ -288,9 +327,8 @@ class SMFSRUpscaler:
                     progress(done[0], total)
 
             try:
-                latent = self.sample(lr_latent, noise, steps=steps, tile=tile, overlap=overlap,
-                                     embeds=embeds, pooled=pooled, progress=tick)
-                break
+                return self.sample(lr_latent, noise, steps=steps, tile=tile, overlap=overlap,
+                                   embeds=embeds, pooled=pooled, progress=tick)
             except torch.OutOfMemoryError:
                 current = tile or max(lh, lw)
                 if current // 2 < MIN_LATENT_TILE:
@@ -303,11 +341,6 @@ class SMFSRUpscaler:
                 log.warning("out of memory: retrying with latent tile %d", tile)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-
-        sr = self.codec.decode(latent)
-        sr = color_fix(sr, control, fix)
-        out_h, out_w = max(1, round(height * scale)), max(1, round(width * scale))
-        return resize(sr, out_h, out_w).cpu()
 
     def __call__(
         self,

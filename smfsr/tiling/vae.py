@@ -72,7 +72,8 @@ def group_norm_with(norm: nn.GroupNorm, x: Tensor, mean: Tensor, var: Tensor) ->
     y = y.reshape(b, c, *x.shape[2:])
     if norm.affine:
         shape = (1, c) + (1,) * (x.ndim - 2)
-        y = y * norm.weight.to(compute).reshape(shape) + norm.bias.to(compute).reshape(shape)
+        weight, bias = (p.to(x.device, compute).reshape(shape) for p in (norm.weight, norm.bias))
+        y = y * weight + bias
     return y.to(x.dtype)
 
 

@@ -1,0 +1,47 @@
+"""ComfyUI types <-> the core's: the only translation the nodes do.
+
+IMAGE is (B, H, W, C) float in [0, 1]; the core uses (B, C, H, W). LATENT is a dict whose
+"samples" are *raw* VAE latents; the core normalises them with the model's scale and shift.
+An SMFSR LR latent also carries the posterior log-variance ("smfsr_logvar"), so the sampler can
+draw the LR posterior sample from its seed exactly as ``SMFSRUpscaler`` does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+LOGVAR_KEY = "smfsr_logvar"
+
+
+def image_to_core(image: torch.Tensor) -> torch.Tensor:
+    if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
+        raise ValueError(f"expected an IMAGE of shape (B, H, W, C), got {tuple(image.shape)}")
+    x = image[..., :3] if image.shape[-1] >= 3 else image.expand(*image.shape[:-1], 3)
+    return x.movedim(-1, 1).float().clamp(0, 1)
+
+
+def image_from_core(x: torch.Tensor) -> torch.Tensor:
+    return x.movedim(1, -1).float().cpu().clamp(0, 1)
+
+
+def lr_latent(mean: torch.Tensor, logvar: torch.Tensor | None) -> dict:
+    latent = {"samples": mean.float().cpu()}
+    if logvar is not None:
+        latent[LOGVAR_KEY] = logvar.float().cpu()
+    return latent
+
+
+def moments_of(latent: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mean, logvar) from an SMFSR LR latent; a plain VAE-Encode LATENT gives (samples, None)."""
+    return latent["samples"], latent.get(LOGVAR_KEY)
+
+
+def text_from_conditioning(conditioning) -> tuple[torch.Tensor, torch.Tensor]:
+    """SD3 CONDITIONING ([[embeds (B, L, 4096), {"pooled_output": (B, 2048)}]]) -> (embeds, pooled)."""
+    if not conditioning:
+        raise ValueError("empty CONDITIONING")
+    embeds, extra = conditioning[0][0], conditioning[0][1]
+    pooled = extra.get("pooled_output")
+    if pooled is None:
+        raise ValueError("the CONDITIONING has no pooled output: use an SD3 text encoder (CLIPTextEncode with an SD3 CLIP)")
+    return embeds, pooled

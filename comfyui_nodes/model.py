@@ -1,0 +1,106 @@
+"""The SMFSR model inside ComfyUI: its model folder, loading, and ComfyUI's memory manager.
+
+Only imported inside ComfyUI (it imports ``folder_paths`` and ``comfy``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import comfy.model_management as mm
+import comfy.model_patcher
+import folder_paths
+import torch
+
+from smfsr.checkpoint import Bundle, load_model, to_device
+from smfsr.codec import LatentCodec, LatentScale
+from smfsr.models.default import REPO_MODELS
+from smfsr.pipeline import SMFSRUpscaler, parse_dtype
+from smfsr.tiling.vae import VAETiling
+
+FOLDER = "smfsr"
+EXTENSIONS = {".safetensors", ".sft"}
+
+
+def register_model_folder() -> None:
+    """models/smfsr (+ the repository's models/), filtered to safetensors. Paths that
+    extra_model_paths.yaml already registered are kept, and their extension filter gains ours."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    if FOLDER in folder_paths.folder_names_and_paths:
+        paths, extensions = folder_paths.folder_names_and_paths[FOLDER]
+        paths = list(paths) + ([default] if default not in paths else [])
+        extensions = set(extensions) | EXTENSIONS if extensions else set(EXTENSIONS)
+    else:
+        paths, extensions = [default], set(EXTENSIONS)
+    if REPO_MODELS.is_dir() and str(REPO_MODELS) not in paths:
+        paths.append(str(REPO_MODELS))
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, extensions)
+
+
+def model_names() -> list[str]:
+    """Bundles, plus official folders (``<name>/transformer/config.json``) as ``<name>/``."""
+    names = list(folder_paths.get_filename_list(FOLDER))
+    for root in folder_paths.get_folder_paths(FOLDER):
+        if os.path.isdir(root):
+            names += sorted(f"{d}/" for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "transformer", "config.json")))
+    return names
+
+
+def model_path(name: str) -> Path:
+    if name.endswith("/"):
+        for root in folder_paths.get_folder_paths(FOLDER):
+            if os.path.isdir(os.path.join(root, name)):
+                return Path(root, name)
+        raise FileNotFoundError(f"SMFSR model folder {name} not found in {folder_paths.get_folder_paths(FOLDER)}")
+    return Path(folder_paths.get_full_path_or_raise(FOLDER, name))
+
+
+@dataclass
+class SMFSRModel:
+    """What an SMFSR_MODEL socket carries: the loaded bundle and ModelPatchers for ComfyUI's
+    memory manager (the transformer, and the bundle's own VAE when it has one)."""
+
+    bundle: Bundle
+    patchers: list
+    name: str
+
+    def upscaler_for(self, vae=None, tiling: VAETiling | None = None) -> SMFSRUpscaler:
+        """This model with a core VAE (its ldm ``first_stage_model``), else with the bundle's VAE."""
+        mm.load_models_gpu(self.patchers + ([vae.patcher] if vae is not None else []))
+        if vae is not None:
+            d = self.bundle.defaults
+            return SMFSRUpscaler(self.bundle, codec=LatentCodec(vae.first_stage_model, d.vae_scaling_factor,
+                                                                d.vae_shift_factor, tiling or VAETiling()))
+        if self.bundle.vae is None:
+            raise ValueError(f"the SMFSR model {self.name} has no VAE of its own: connect the VAE from your "
+                             "SD3.5 checkpoint loader to the node's vae input")
+        return SMFSRUpscaler(self.bundle, vae_tiling=tiling)
+
+    def sampler(self) -> SMFSRUpscaler:
+        """For sampling only: needs the latent scale/shift, not a VAE."""
+        mm.load_models_gpu(self.patchers)
+        d = self.bundle.defaults
+        return SMFSRUpscaler(self.bundle, codec=LatentScale(d.vae_scaling_factor, d.vae_shift_factor))
+
+
+class Managed(torch.nn.Module):
+    """What a ModelPatcher manages: it assigns ``.device`` on its model, which diffusers models
+    expose read-only, so the network sits inside this holder (moving the holder moves it)."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+        self.device = next(module.parameters()).device
+
+
+def load(name: str, dtype: str) -> SMFSRModel:
+    device = mm.get_torch_device()
+    bundle = load_model(model_path(name))
+    bundle = to_device(bundle, mm.unet_offload_device(), parse_dtype(dtype, device))
+    patchers = [comfy.model_patcher.ModelPatcher(Managed(bundle.transformer), load_device=device,
+                                                 offload_device=mm.unet_offload_device())]
+    if bundle.vae is not None:
+        patchers.append(comfy.model_patcher.ModelPatcher(Managed(bundle.vae), load_device=device,
+                                                         offload_device=mm.vae_offload_device()))
+    return SMFSRModel(bundle, patchers, name)

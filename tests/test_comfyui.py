@@ -1,0 +1,214 @@
+"""Integration with a real ComfyUI server: runs only where one can be started.
+
+Set COMFYUI_DIR to a ComfyUI checkout (0.8.x) and, if its Python is not this one, COMFYUI_PYTHON
+to an interpreter that runs it (it needs torch + torchvision and ComfyUI's requirements, plus this
+package's: `pip install -e <this repo>` in that environment).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import photo_like
+
+REPO = Path(__file__).resolve().parents[1]
+COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
+COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
+NODES = ["SMFSRModelLoader", "SMFSRLREncode", "SMFSRSampler", "SMFSRTiledVAEDecode", "SMFSRColorFix", "SMFSRUpscale"]
+
+
+def _missing() -> str | None:
+    if not COMFYUI_DIR:
+        return "COMFYUI_DIR is not set (point it at a ComfyUI checkout to run the ComfyUI integration tests)"
+    if not (Path(COMFYUI_DIR) / "main.py").exists():
+        return f"COMFYUI_DIR={COMFYUI_DIR} has no main.py"
+    probe = subprocess.run([COMFYUI_PYTHON, "-c", "import torch, torchvision, aiohttp, smfsr"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        return (f"COMFYUI_PYTHON={COMFYUI_PYTHON} cannot import torch, torchvision, aiohttp and smfsr "
+                f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'unknown error'})")
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Comfy:
+    def __init__(self, url: str, base: Path):
+        self.url, self.base = url, base
+
+    def get(self, path: str):
+        with urllib.request.urlopen(self.url + path, timeout=30) as r:
+            data = r.read()
+        return json.loads(data) if r.headers.get_content_type() == "application/json" else data
+
+    def post(self, path: str, payload: dict | None = None):
+        request = urllib.request.Request(self.url + path, data=json.dumps(payload or {}).encode(),
+                                         headers={"Content-Type": "application/json"}, method="POST")
+        try:
+            with urllib.request.urlopen(request, timeout=30) as r:
+                body = r.read()
+                return r.status, (json.loads(body) if body else {})
+        except urllib.error.HTTPError as e:
+            return e.code, json.loads(e.read() or b"{}")
+
+    def run(self, prompt: dict, timeout: float = 300) -> dict:
+        status, reply = self.post("/prompt", {"prompt": prompt, "client_id": "smfsr-tests"})
+        assert status == 200, reply
+        return self.wait(reply["prompt_id"], timeout)
+
+    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            history = self.get(f"/history/{prompt_id}")
+            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None \
+                    and (history[prompt_id]["status"]["completed"] or history[prompt_id]["status"]["status_str"] == "error"):
+                return history[prompt_id]
+            time.sleep(0.3)
+        raise TimeoutError(prompt_id)
+
+    def output_image(self, entry: dict) -> np.ndarray:
+        for output in entry["outputs"].values():
+            for image in output.get("images", []):
+                data = self.get(f"/view?filename={image['filename']}&subfolder={image['subfolder']}&type={image['type']}")
+                path = self.base / "fetched.png"
+                path.write_bytes(data)
+                return np.asarray(Image.open(path).convert("RGB"))
+        raise AssertionError(f"no image in {entry['outputs']}")
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory, tiny_bundle_path):
+    base = tmp_path_factory.mktemp("comfy")
+    (base / "custom_nodes").mkdir()
+    os.symlink(REPO, base / "custom_nodes" / "smfsr")
+    (base / "models" / "smfsr").mkdir(parents=True)
+    shutil.copy(tiny_bundle_path, base / "models" / "smfsr" / "tiny.safetensors")
+    (base / "models" / "smfsr" / "broken.safetensors").write_bytes(tiny_bundle_path.read_bytes()[:4000])
+    (base / "input").mkdir()
+    Image.fromarray(photo_like(40, 56)).save(base / "input" / "example.png")
+    Image.fromarray(photo_like(96, 96, seed=3)).save(base / "input" / "large.png")
+    port = _free_port()
+    log = open(base / "comfyui.log", "w")
+    proc = subprocess.Popen(
+        [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
+         "--disable-api-nodes", "--base-directory", str(base), "--disable-all-custom-nodes",
+         "--whitelist-custom-nodes", "smfsr", "--database-url", "sqlite:///:memory:"],
+        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    server = Comfy(f"http://127.0.0.1:{port}", base)
+    deadline = time.time() + 180
+    while True:
+        try:
+            server.get("/object_info/SMFSRUpscale")
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("ComfyUI did not start:\n" + (base / "comfyui.log").read_text()[-4000:])
+            time.sleep(0.5)
+    yield server
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def api_workflow(name: str, **changes) -> dict:
+    prompt = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    for node in prompt.values():
+        for key, value in changes.items():
+            if key in node["inputs"] and not isinstance(node["inputs"][key], list):
+                node["inputs"][key] = value
+    return prompt
+
+
+def expected(tiny_bundle_path: Path, image: Path, seed: int = 0) -> np.ndarray:
+    """SMFSRUpscaler's result, quantised as ComfyUI's SaveImage does (x 255, truncated)."""
+    from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
+
+    up = SMFSRUpscaler.from_pretrained(tiny_bundle_path, device="cpu", dtype="fp32")
+    x = torch.from_numpy(np.asarray(Image.open(image).convert("RGB"))).permute(2, 0, 1).float()[None] / 255
+    out = up(x, UpscaleOptions(seed=seed, tile_size=64, tile_overlap=24))[0]
+    return np.clip(out.permute(1, 2, 0).numpy() * 255.0, 0, 255).astype(np.uint8)
+
+
+def test_every_node_is_registered_with_tooltips_and_the_workflow_widget_order(comfy):
+    from workflows.build import WIDGETS
+
+    info = comfy.get("/object_info")
+    for node in NODES:
+        assert node in info, f"{node} missing from /object_info"
+        assert info[node]["category"] == "SMFSR"
+        for group in ("required", "optional"):
+            for name, spec in info[node]["input"].get(group, {}).items():
+                assert spec[1].get("tooltip"), f"{node}.{name} has no tooltip"
+        declared = info[node]["input_order"]["required"] + info[node]["input_order"].get("optional", [])
+        widgets = [n for n in declared if n in WIDGETS[node]]
+        assert widgets == WIDGETS[node], f"{node}: workflow widget order {WIDGETS[node]} vs ComfyUI {widgets}"
+    spec = info["SMFSRModelLoader"]["input"]["required"]["model_name"]
+    options = spec[1]["options"] if spec[0] == "COMBO" else spec[0]  # V3 combos: ("COMBO", {"options": [...]})
+    assert "tiny.safetensors" in options and "broken.safetensors" in options
+    assert not any(o.endswith((".json", ".md")) for o in options)  # the folder is filtered to safetensors
+
+
+@pytest.mark.parametrize("workflow", ["smfsr_upscale", "smfsr_modular"])
+def test_workflows_run_and_match_the_library(comfy, tiny_bundle_path, workflow):
+    entry = comfy.run(api_workflow(workflow, model_name="tiny.safetensors", image="example.png", dtype="fp32"))
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert entry["status"]["status_str"] == "success", [(e["exception_message"], e["traceback"][-3:]) for e in errors]
+    got = comfy.output_image(entry)
+    want = expected(tiny_bundle_path, comfy.base / "input" / "example.png")
+    assert got.shape == want.shape == (160, 224, 3)
+    # the same computation in two processes: equal up to one 8-bit level
+    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+
+
+def test_sd35_workflow_is_valid_and_asks_only_for_the_missing_weights(comfy):
+    status, reply = comfy.post("/prompt", {"prompt": api_workflow("smfsr_sd35", image="example.png")})
+    assert status == 400
+    bad = {i["extra_info"]["input_name"] for e in reply["node_errors"].values() for i in e["errors"]}
+    assert bad <= {"ckpt_name", "model_name"}, reply
+
+
+def test_a_broken_model_file_gives_a_node_error_naming_it(comfy):
+    entry = comfy.run(api_workflow("smfsr_upscale", model_name="broken.safetensors", image="example.png"))
+    assert entry["status"]["status_str"] == "error"
+    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+    assert errors and "broken.safetensors" in errors[0]["exception_message"]
+    assert "truncated" in errors[0]["exception_message"]
+    assert errors[0]["node_type"] == "SMFSRModelLoader"
+
+
+def test_interrupt_stops_a_tiled_run(comfy):
+    prompt = api_workflow("smfsr_upscale", model_name="tiny.safetensors", image="large.png", tile_size=4,
+                          tile_overlap=0, steps=20, seed=7)
+    status, reply = comfy.post("/prompt", {"prompt": prompt, "client_id": "smfsr-tests"})
+    assert status == 200
+    deadline = time.time() + 60
+    while not comfy.get("/queue")["queue_running"] and time.time() < deadline:
+        time.sleep(0.1)
+    time.sleep(1.5)
+    started = time.time()
+    comfy.post("/interrupt")
+    entry = comfy.wait(reply["prompt_id"], timeout=120)
+    assert entry["status"]["status_str"] == "error"
+    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"])
+    assert time.time() - started < 30

@@ -1,0 +1,197 @@
+"""Writes the example workflows from one source: UI format (``workflows/*.json``, shown in ComfyUI's
+template browser) and API format (``workflows/api/*.json``, for ``POST /prompt`` and the tests).
+
+    python workflows/build.py          # rewrite both
+    python workflows/build.py --check  # exit 1 if a file differs from what this script writes
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PACK = {"aux_id": "smfsr/smfsr", "ver": "0.1.0"}
+CORE = {"cnr_id": "comfy-core", "ver": "0.8.0"}
+
+# Widget inputs of each node class, in the order the node declares them (the UI format stores
+# widget values as a list in this order; a seed widget is followed by its "control after generate").
+WIDGETS = {
+    "LoadImage": ["image", "upload"],
+    "SaveImage": ["filename_prefix"],
+    "CheckpointLoaderSimple": ["ckpt_name"],
+    "CLIPTextEncode": ["text"],
+    "Note": ["text"],
+    "SMFSRModelLoader": ["model_name", "dtype"],
+    "SMFSRLREncode": ["scale", "vae_tile"],
+    "SMFSRSampler": ["seed", "steps", "tile_size", "tile_overlap"],
+    "SMFSRTiledVAEDecode": ["tile_size", "mode"],
+    "SMFSRColorFix": ["method"],
+    "SMFSRUpscale": ["scale", "seed", "steps", "tile_size", "tile_overlap", "color_fix", "vae_tile"],
+}
+SEEDS = {"seed"}
+# Socket inputs and outputs (name, type), in declaration order.
+SOCKETS_IN = {
+    "SaveImage": [("images", "IMAGE")],
+    "CLIPTextEncode": [("clip", "CLIP")],
+    "SMFSRLREncode": [("image", "IMAGE"), ("smfsr_model", "SMFSR_MODEL"), ("vae", "VAE")],
+    "SMFSRSampler": [("smfsr_model", "SMFSR_MODEL"), ("lr_latent", "LATENT"), ("conditioning", "CONDITIONING")],
+    "SMFSRTiledVAEDecode": [("samples", "LATENT"), ("vae", "VAE"), ("smfsr_model", "SMFSR_MODEL")],
+    "SMFSRColorFix": [("image", "IMAGE"), ("reference", "IMAGE")],
+    "SMFSRUpscale": [("image", "IMAGE"), ("smfsr_model", "SMFSR_MODEL"), ("vae", "VAE")],
+}
+SOCKETS_OUT = {
+    "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
+    "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
+    "SMFSRModelLoader": [("smfsr_model", "SMFSR_MODEL")],
+    "SMFSRLREncode": [("lr_latent", "LATENT"), ("lr_upscaled", "IMAGE")],
+    "SMFSRSampler": [("latent", "LATENT")],
+    "SMFSRTiledVAEDecode": [("IMAGE", "IMAGE")],
+    "SMFSRColorFix": [("IMAGE", "IMAGE")],
+    "SMFSRUpscale": [("IMAGE", "IMAGE")],
+}
+
+
+@dataclass
+class Node:
+    id: int
+    type: str
+    widgets: dict
+    pos: tuple[int, int]
+    links: dict = field(default_factory=dict)  # input name -> (source node id, output index)
+    title: str | None = None
+    models: list | None = None  # files the user must download, for the frontend's "missing models"
+
+
+def api_format(nodes: list[Node]) -> dict:
+    out = {}
+    for n in nodes:
+        if n.type == "Note":
+            continue
+        inputs = {k: v for k, v in n.widgets.items() if k != "upload"}
+        inputs.update({k: [str(src), idx] for k, (src, idx) in n.links.items()})
+        out[str(n.id)] = {"class_type": n.type, "inputs": inputs, "_meta": {"title": n.title or n.type}}
+    return out
+
+
+def ui_format(nodes: list[Node], note: str) -> dict:
+    links, ui_nodes = [], []
+    outgoing: dict[tuple[int, int], list[int]] = {}
+    for n in nodes:
+        for name, (src, idx) in n.links.items():
+            link_id = len(links) + 1
+            links.append([link_id, src, idx, n.id, [s[0] for s in SOCKETS_IN[n.type]].index(name), dict(SOCKETS_IN[n.type])[name]])
+            outgoing.setdefault((src, idx), []).append(link_id)
+    for order, n in enumerate(nodes):
+        incoming = {l[4]: l[0] for l in links if l[3] == n.id}
+        inputs = [{"name": name, "type": kind, "link": incoming.get(i)} for i, (name, kind) in enumerate(SOCKETS_IN.get(n.type, []))]
+        outputs = [{"name": name, "type": kind, "links": outgoing.get((n.id, i), []), "slot_index": i}
+                   for i, (name, kind) in enumerate(SOCKETS_OUT.get(n.type, []))]
+        values = []
+        for w in WIDGETS.get(n.type, []):
+            values.append(n.widgets.get(w, "image"))
+            if w in SEEDS:
+                values.append("fixed")
+        props = {"Node name for S&R": n.type, **(PACK if n.type.startswith("SMFSR") else CORE)}
+        if n.models:
+            props["models"] = n.models
+        node = {"id": n.id, "type": n.type, "pos": list(n.pos), "size": [320, 130], "flags": {}, "order": order,
+                "mode": 0, "inputs": inputs, "outputs": outputs, "properties": props, "widgets_values": values}
+        if n.title:
+            node["title"] = n.title
+        ui_nodes.append(node)
+    return {"id": "smfsr-" + note, "revision": 0, "last_node_id": max(n.id for n in nodes), "last_link_id": len(links),
+            "nodes": ui_nodes, "links": links, "groups": [], "config": {}, "extra": {}, "version": 0.4}
+
+
+DEFAULT_MODEL = "smfsr-small-x4.safetensors"
+
+
+def upscale_default() -> list[Node]:
+    """The all-in-one node with a model that carries its own VAE (the shipped default model)."""
+    return [
+        Node(1, "LoadImage", {"image": "example.png", "upload": "image"}, (0, 0)),
+        Node(2, "SMFSRModelLoader", {"model_name": DEFAULT_MODEL, "dtype": "auto"}, (0, 350)),
+        Node(3, "SMFSRUpscale", {"scale": 4.0, "seed": 0, "steps": 1, "tile_size": 64, "tile_overlap": 24,
+                                 "color_fix": "adain", "vae_tile": 0}, (400, 0), {"image": (1, 0), "smfsr_model": (2, 0)}),
+        Node(4, "SaveImage", {"filename_prefix": "smfsr"}, (800, 0), {"images": (3, 0)}),
+    ]
+
+
+def modular_default() -> list[Node]:
+    """The same upscale as four nodes; gives the same pixels as SMFSR Upscale for the same seed."""
+    return [
+        Node(1, "LoadImage", {"image": "example.png", "upload": "image"}, (0, 0)),
+        Node(2, "SMFSRModelLoader", {"model_name": DEFAULT_MODEL, "dtype": "auto"}, (0, 350)),
+        Node(3, "SMFSRLREncode", {"scale": 4.0, "vae_tile": 0}, (400, 0), {"image": (1, 0), "smfsr_model": (2, 0)}),
+        Node(4, "SMFSRSampler", {"seed": 0, "steps": 1, "tile_size": 64, "tile_overlap": 24}, (800, 0),
+             {"smfsr_model": (2, 0), "lr_latent": (3, 0)}),
+        Node(5, "SMFSRTiledVAEDecode", {"tile_size": 0, "mode": "exact"}, (1200, 0), {"samples": (4, 0), "smfsr_model": (2, 0)}),
+        Node(6, "SMFSRColorFix", {"method": "adain"}, (1600, 0), {"image": (5, 0), "reference": (1, 0)}),
+        Node(7, "SaveImage", {"filename_prefix": "smfsr_modular"}, (2000, 0), {"images": (6, 0)}),
+    ]
+
+
+SD35_NOTE = (
+    "Files to download (nothing is fetched for you):\n"
+    "- models/checkpoints/sd3.5_medium.safetensors (Stable Diffusion 3.5 Medium with CLIP-L/G + T5, about 11 GB; "
+    "its VAE and text encoders are used)\n"
+    "- models/smfsr/smfsr_q.safetensors: the official SMFSR transformer, converted once with\n"
+    "  `smfsr convert --transformer smfsr_q -o smfsr_q.safetensors` (about 5.5 GB in fp16)"
+)
+
+
+def sd35() -> list[Node]:
+    """Official SMFSR weights inside an SD3.5 graph: the core checkpoint loader gives VAE and CLIP."""
+    return [
+        Node(1, "CheckpointLoaderSimple", {"ckpt_name": "sd3.5_medium.safetensors"}, (0, 0),
+             models=[{"name": "sd3.5_medium.safetensors", "directory": "checkpoints",
+                      "url": "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium"}]),
+        Node(2, "CLIPTextEncode", {"text": "Cinematic, hyper sharpness, highly detailed, perfect without deformations, "
+                                           "camera, hyper detailed photo - realistic maximum detail, 32k, Color Grading, "
+                                           "ultra HD, extreme meticulous detailing, skin pore detailing."},
+             (0, 250), {"clip": (1, 1)}),
+        Node(3, "SMFSRModelLoader", {"model_name": "smfsr_q.safetensors", "dtype": "auto"}, (0, 500)),
+        Node(4, "LoadImage", {"image": "example.png", "upload": "image"}, (0, 750)),
+        Node(5, "SMFSRLREncode", {"scale": 4.0, "vae_tile": 0}, (400, 0), {"image": (4, 0), "smfsr_model": (3, 0), "vae": (1, 2)}),
+        Node(6, "SMFSRSampler", {"seed": 0, "steps": 1, "tile_size": 64, "tile_overlap": 24}, (800, 0),
+             {"smfsr_model": (3, 0), "lr_latent": (5, 0), "conditioning": (2, 0)}),
+        Node(7, "SMFSRTiledVAEDecode", {"tile_size": 0, "mode": "exact"}, (1200, 0), {"samples": (6, 0), "vae": (1, 2)}),
+        Node(8, "SMFSRColorFix", {"method": "adain"}, (1600, 0), {"image": (7, 0), "reference": (4, 0)}),
+        Node(9, "SaveImage", {"filename_prefix": "smfsr_sd35"}, (2000, 0), {"images": (8, 0)}),
+        Node(10, "Note", {"text": SD35_NOTE}, (400, 400), title="Files to download"),
+    ]
+
+
+WORKFLOWS = {"smfsr_upscale": upscale_default, "smfsr_modular": modular_default, "smfsr_sd35": sd35}
+
+
+def render() -> dict[Path, str]:
+    files = {}
+    for name, make in WORKFLOWS.items():
+        nodes = make()
+        files[HERE / f"{name}.json"] = json.dumps(ui_format(nodes, name), indent=2) + "\n"
+        files[HERE / "api" / f"{name}.json"] = json.dumps(api_format(nodes), indent=2) + "\n"
+    return files
+
+
+def main() -> int:
+    files = render()
+    if "--check" in sys.argv:
+        stale = [str(p) for p, text in files.items() if not p.exists() or p.read_text() != text]
+        if stale:
+            print("out of date (run python workflows/build.py):", *stale, sep="\n  ")
+            return 1
+        return 0
+    for path, text in files.items():
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
