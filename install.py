@@ -1,8 +1,10 @@
 """Install SMFSR's light dependencies into the running Python, only those that are missing.
 
 Run by A1111/Forge at launch (extension root ``install.py``), or by hand: ``python install.py``.
-It never installs or upgrades torch, torchvision or numpy: the host owns them. Idempotent: when
-everything is present it does nothing.
+Nothing the host already has is changed: pip runs with every installed distribution pinned at its
+current version (a constraints file), so it picks versions of the missing packages that fit the
+host (e.g. an older diffusers that works with A1111's huggingface-hub) or fails without touching
+anything. torch, torchvision and numpy are never installed. Idempotent.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib.util
 import re
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 HOST_OWNED = {"torch", "torchvision", "torchaudio", "numpy"}
@@ -34,13 +37,31 @@ def missing(reqs: list[str]) -> list[str]:
     return [r for r in reqs if importlib.util.find_spec(_name(r).replace("-", "_")) is None]
 
 
-def install(reqs: list[str]) -> None:
-    try:
-        import launch  # inside A1111/Forge: their pip wrapper honours --skip-install
+def installed_constraints() -> str:
+    """name==version for every installed distribution: pip may add packages, never change these."""
+    import importlib.metadata
 
-        launch.run_pip("install " + " ".join(f'"{r}"' for r in reqs), f"SMFSR requirements: {', '.join(reqs)}")
-    except ImportError:
-        subprocess.check_call([sys.executable, "-m", "pip", "install", *reqs])
+    pins = {}
+    for dist in importlib.metadata.distributions():
+        name = dist.metadata["Name"]
+        if name and not dist.version.startswith("0.0.0"):
+            pins[name.lower()] = f"{name}=={dist.version}"
+    return "\n".join(sorted(pins.values())) + "\n"
+
+
+def install(reqs: list[str]) -> None:
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="smfsr-constraints-", delete=False) as f:
+        f.write(installed_constraints())
+    try:
+        try:
+            import launch  # inside A1111/Forge: their pip wrapper honours --skip-install
+
+            launch.run_pip(f'install -c "{f.name}" ' + " ".join(f'"{r}"' for r in reqs),
+                           f"SMFSR requirements: {', '.join(reqs)}")
+        except ImportError:
+            subprocess.check_call([sys.executable, "-m", "pip", "install", "-c", f.name, *reqs])
+    finally:
+        Path(f.name).unlink(missing_ok=True)
 
 
 def main() -> None:

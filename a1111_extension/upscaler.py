@@ -1,0 +1,114 @@
+"""SMFSR as an A1111/Forge upscaler: one entry per model in the Extras tab, Hires. fix and the API.
+
+Imports only A1111's stable modules (modules.upscaler, modules.shared, modules.script_callbacks);
+Forge's memory manager is used when present (``backend.memory_management``)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from PIL import Image
+
+from modules import script_callbacks, shared
+from modules.upscaler import Upscaler, UpscalerData
+
+from smfsr.errors import SMFSRError
+from smfsr.imageio import from_pil
+from smfsr.pipeline import SMFSRUpscaler
+from smfsr.tiling.vae import VAETiling
+
+from . import logic
+
+log = logging.getLogger("smfsr")
+
+
+class Interrupted(Exception):
+    """Raised from the per-tile progress callback when the user presses Interrupt or Skip."""
+
+
+class UpscalerSMFSR(Upscaler):  # the name gives --smfsr-models-path (cmd_opts.smfsr_models_path)
+    def __init__(self, dirname: str | None = None):
+        self.name = "SMFSR"
+        self.user_path = dirname
+        super().__init__()
+        self.cached: tuple[tuple, SMFSRUpscaler] | None = None
+        self.scalers = [UpscalerData(entry.name, str(entry.path), self, entry.factor)
+                        for entry in logic.discover(shared.models_path, dirname)]
+
+    def load_model(self, path: str) -> SMFSRUpscaler:
+        dtype = "fp32" if shared.cmd_opts.no_half else settings()["smfsr_dtype"]
+        key = (path, dtype, str(self.device))
+        if self.cached is None or self.cached[0] != key:
+            self.cached = None
+            free_host_memory()
+            self.cached = (key, SMFSRUpscaler.from_pretrained(path, device=self.device, dtype=dtype))
+        return self.cached[1]
+
+    def do_upscale(self, img: Image.Image, selected_model: str) -> Image.Image:
+        s = settings()
+        try:
+            upscaler = self.load_model(selected_model)
+            upscaler.codec.tiling = VAETiling(decoder_tile=s["smfsr_vae_tile"] or None,
+                                              encoder_tile=(s["smfsr_vae_tile"] * 8) or None)
+            return upscaler.upscale_image(from_pil(img), logic.options(s, self.scale), progress=report_progress)
+        except Interrupted:
+            return img  # A1111 sees state.interrupted and stops; the input comes back unchanged
+        except SMFSRError as e:
+            # A1111 would show nothing useful (Extras falls back to a plain resize): say why
+            shared.state.textinfo = f"SMFSR: {e}"
+            raise
+
+
+def settings() -> dict:
+    return {key: getattr(shared.opts, key, default) for key, default in logic.DEFAULTS.items()}
+
+
+def report_progress(done: int, total: int) -> None:
+    """Per-tile progress for the web UI's bar and /sdapi/v1/progress; stops on Interrupt/Skip."""
+    shared.state.sampling_steps = total
+    shared.state.sampling_step = done
+    if shared.state.interrupted or shared.state.skipped:
+        raise Interrupted
+
+
+def free_host_memory() -> None:
+    """Make room on the GPU: Forge's memory manager, or A1111's SD model to the CPU."""
+    try:
+        from backend import memory_management  # Forge
+
+        memory_management.unload_all_models()
+        memory_management.soft_empty_cache()
+        return
+    except ImportError:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available() and getattr(shared, "sd_model", None) is not None:
+            from modules import sd_models
+
+            sd_models.unload_model_weights()
+            torch.cuda.empty_cache()
+    except Exception as e:  # never fail an upscale because the host model could not move
+        log.warning("SMFSR: could not move the SD model off the GPU (%s)", e)
+
+
+def clear_extras_cache() -> None:
+    """A1111's Extras tab caches results without our settings in the key: drop it when they change."""
+    for module in list(sys.modules.values()):
+        cache = getattr(module, "upscale_cache", None)
+        if isinstance(cache, dict) and getattr(module, "__file__", "").endswith("postprocessing_upscale.py"):
+            cache.clear()
+
+
+def on_ui_settings() -> None:
+    import gradio as gr
+
+    components = {"slider": gr.Slider, "number": gr.Number, "radio": gr.Radio}
+    for s in logic.SETTINGS:
+        shared.opts.add_option(s.key, shared.OptionInfo(s.default, s.label, components[s.kind], s.args,
+                                                        onchange=clear_extras_cache, section=logic.SECTION))
+
+
+script_callbacks.on_ui_settings(on_ui_settings)

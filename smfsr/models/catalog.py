@@ -1,0 +1,59 @@
+"""Finding models in folders, for doors that list them (A1111's upscaler list, the app's menu)."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..checkpoint import is_bundle, read_header
+from ..errors import CheckpointError
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    path: Path
+    factor: int
+    kind: str  # "bundle" | "official folder"
+
+    @property
+    def name(self) -> str:
+        stem = self.path.name.rstrip("/") if self.kind != "bundle" else self.path.stem
+        return f"SMFSR x{self.factor} ({stem})"
+
+
+def find_models(folders: list[str | os.PathLike]) -> list[ModelEntry]:
+    """SMFSR bundles and official folders in ``folders`` (not recursive), read from headers only;
+    other files are ignored. Duplicates (the same file through two folders) are listed once."""
+    seen, found = set(), []
+    for folder in folders:
+        folder = Path(folder)
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            key = path.resolve()
+            if key in seen:
+                continue
+            entry = _entry(path)
+            if entry is not None:
+                seen.add(key)
+                found.append(entry)
+    return found
+
+
+def _entry(path: Path) -> ModelEntry | None:
+    if path.is_dir():
+        if (path / "transformer" / "config.json").is_file():
+            return ModelEntry(path, 4, "official folder")  # the official release is x4
+        return None
+    if path.suffix.lower() not in (".safetensors", ".sft"):
+        return None
+    try:
+        metadata, _ = read_header(path)
+    except CheckpointError:
+        return None
+    if not is_bundle(metadata):
+        return None
+    factor = json.loads(metadata.get("smfsr_pipeline", "{}")).get("upscale", 4)
+    return ModelEntry(path, int(factor), "bundle")

@@ -1,0 +1,123 @@
+"""Integration with a real AUTOMATIC1111 web UI (1.10.x): runs only where one can be launched.
+
+Set A1111_DIR to a checkout (with its repositories/ filled) and, if its Python is not this one,
+A1111_PYTHON to an interpreter with its requirements and this package's (`python install.py`).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import photo_like
+
+REPO = Path(__file__).resolve().parents[1]
+A1111_DIR = os.environ.get("A1111_DIR")
+A1111_PYTHON = os.environ.get("A1111_PYTHON", sys.executable)
+
+
+def _missing() -> str | None:
+    if not A1111_DIR:
+        return "A1111_DIR is not set (point it at an AUTOMATIC1111 checkout to run the A1111 integration tests)"
+    if not (Path(A1111_DIR) / "launch.py").exists():
+        return f"A1111_DIR={A1111_DIR} has no launch.py"
+    if not (Path(A1111_DIR) / "repositories" / "stable-diffusion-stability-ai").is_dir():
+        return f"A1111_DIR={A1111_DIR} lacks repositories/ (stable-diffusion-stability-ai, k-diffusion, ...)"
+    probe = subprocess.run([A1111_PYTHON, "-c", "import torch, gradio, fastapi, diffusers, safetensors"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        last = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "unknown error"
+        return f"A1111_PYTHON={A1111_PYTHON} cannot import torch, gradio, fastapi and diffusers ({last})"
+    return None
+
+
+pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _call(url: str, payload: dict | None = None):
+    data = json.dumps(payload).encode() if payload is not None else None
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"},
+                                     method="POST" if payload is not None else "GET")
+    with urllib.request.urlopen(request, timeout=300) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def webui(tmp_path_factory, tiny_bundle_path):
+    data = tmp_path_factory.mktemp("a1111")
+    (data / "extensions").mkdir()
+    os.symlink(REPO, data / "extensions" / "smfsr")
+    (data / "models" / "SMFSR").mkdir(parents=True)
+    shutil.copy(tiny_bundle_path, data / "models" / "SMFSR" / "tiny.safetensors")
+    port = _free_port()
+    log = open(data / "webui.log", "w")
+    proc = subprocess.Popen(
+        [A1111_PYTHON, "launch.py", "--skip-prepare-environment", "--skip-install", "--no-download-sd-model",
+         "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--api", "--nowebui", "--port", str(port),
+         "--data-dir", str(data), "--skip-version-check"],
+        cwd=A1111_DIR, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 240
+    while True:
+        try:
+            _call(url + "/sdapi/v1/upscalers")
+            break
+        except Exception:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError("A1111 did not start:\n" + (data / "webui.log").read_text()[-4000:])
+            time.sleep(1)
+    # no cached results, fixed seed: the upscale must really run and be reproducible
+    _call(url + "/sdapi/v1/options", {"upscaling_max_images_in_cache": 0, "smfsr_seed": 0, "smfsr_tile": 64})
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_the_upscaler_is_listed(webui):
+    upscalers = {u["name"]: u for u in _call(webui + "/sdapi/v1/upscalers")}
+    assert "SMFSR x4 (tiny)" in upscalers
+    assert upscalers["SMFSR x4 (tiny)"]["scale"] == 4
+    assert upscalers["SMFSR x4 (tiny)"]["model_path"].endswith("tiny.safetensors")
+
+
+def test_extras_runs_smfsr_and_its_pixels_match_the_library(webui, tiny_bundle_path):
+    """A failing upscaler still returns HTTP 200 with a Lanczos resize: only the pixels prove it ran."""
+    from smfsr.imageio import from_pil
+    from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
+
+    image = Image.fromarray(photo_like(40, 56))
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    reply = _call(webui + "/sdapi/v1/extra-single-image", {
+        "resize_mode": 0, "upscaling_resize": 4, "upscaler_1": "SMFSR x4 (tiny)", "upscaler_2": "None",
+        "extras_upscaler_2_visibility": 0, "image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
+    })
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(reply["image"]))).convert("RGB")).astype(int)
+    up = SMFSRUpscaler.from_pretrained(tiny_bundle_path, device="cpu", dtype="fp32")
+    want = np.asarray(up.upscale_image(from_pil(image), UpscaleOptions(scale=4, seed=0, tile_size=64, tile_overlap=24)))
+    assert got.shape == want.shape == (160, 224, 3)
+    assert np.abs(got - want.astype(int)).max() <= 1
+    lanczos = np.asarray(image.resize((224, 160), Image.Resampling.LANCZOS)).astype(int)
+    assert np.abs(got - lanczos).mean() > 2  # not the fallback

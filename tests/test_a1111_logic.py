@@ -1,0 +1,70 @@
+"""The A1111/Forge upscaler's decisions without A1111: model discovery and naming, scale handling,
+settings. The real web UI is tests/test_a1111.py."""
+
+from __future__ import annotations
+
+import random
+import shutil
+
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from a1111_extension import logic
+from smfsr.pipeline import SMFSRUpscaler
+from smfsr.imageio import from_pil
+from tests.conftest import photo_like
+
+
+def test_models_are_discovered_and_named_with_their_factor(tmp_path, tiny_bundle_path):
+    models = tmp_path / "models"
+    (models / "SMFSR").mkdir(parents=True)
+    shutil.copy(tiny_bundle_path, models / "SMFSR" / "tiny.safetensors")
+    save_file({"w": torch.zeros(1)}, str(models / "SMFSR" / "not-smfsr.safetensors"))  # a foreign file: ignored
+    (models / "SMFSR" / "old.pt").write_bytes(b"\x80\x04K\x01.")  # a pickle: ignored, never opened by torch
+    (models / "SMFSR" / "readme.txt").write_text("hi")
+    official = models / "SMFSR" / "smfsr_q" / "transformer"
+    official.mkdir(parents=True)
+    (official / "config.json").write_text("{}")
+    extra = tmp_path / "elsewhere"
+    extra.mkdir()
+    shutil.copy(tiny_bundle_path, extra / "mine.safetensors")
+    found = logic.discover(models, str(extra))
+    names = [e.name for e in found]
+    assert names[:1] == ["SMFSR x4 (mine)"]  # --smfsr-models-path comes first
+    assert "SMFSR x4 (tiny)" in names and "SMFSR x4 (smfsr_q)" in names
+    assert not any("not-smfsr" in n or "old" in n or "readme" in n for n in names)
+    assert logic.model_folders(models, None)[0] == models / "SMFSR"
+
+
+def test_one_pass_reaches_the_requested_scale(tiny_bundle_path):
+    """A1111 calls do_upscale until the image reaches (size * scale) // 8 * 8, then Lanczos-resizes:
+    one SMFSR pass must get there, so the model never runs twice."""
+    up = SMFSRUpscaler.from_pretrained(tiny_bundle_path, device="cpu")
+    for (h, w), scale in [((40, 56), 4), ((40, 56), 2), ((33, 47), 3), ((24, 32), 2.5)]:
+        image = Image.fromarray(photo_like(h, w))
+        out = up.upscale_image(from_pil(image), logic.options({"smfsr_seed": 0}, scale))
+        dest = (int(w * scale) // 8 * 8, int(h * scale) // 8 * 8)
+        assert out.size == (round(w * scale), round(h * scale))
+        assert out.width >= dest[0] and out.height >= dest[1]
+
+
+def test_settings_defaults_and_random_seed():
+    assert logic.DEFAULTS == {"smfsr_steps": 1, "smfsr_seed": -1, "smfsr_tile": 64, "smfsr_tile_overlap": 24,
+                              "smfsr_vae_tile": 0, "smfsr_color_fix": "adain", "smfsr_dtype": "auto"}
+    o = logic.options({}, 4, rng=random.Random(1))
+    assert (o.scale, o.steps, o.tile_size, o.tile_overlap, o.color_fix) == (4.0, 1, 64, 24, "adain")
+    assert 0 <= o.seed < 2**32 and o.seed == logic.options({}, 4, rng=random.Random(1)).seed
+    assert logic.options({"smfsr_seed": 7, "unrelated": 1}, 2).seed == 7
+    assert logic.settings_key({"smfsr_seed": 1}) != logic.settings_key({"smfsr_seed": 2})
+    assert all(s.key.startswith("smfsr_") and s.label for s in logic.SETTINGS)
+
+
+def test_scripts_folder_only_imports_the_extension():
+    from pathlib import Path
+
+    scripts = Path(__file__).resolve().parents[1] / "scripts"
+    files = sorted(p.name for p in scripts.iterdir() if p.suffix == ".py")
+    assert files == ["smfsr.py"]
+    code = [l for l in (scripts / "smfsr.py").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert code == ["import a1111_extension.upscaler  # noqa: F401"]
