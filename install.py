@@ -17,6 +17,10 @@ import tempfile
 from pathlib import Path
 
 HOST_OWNED = {"torch", "torchvision", "torchaudio", "numpy"}
+# Incompatibilities pip cannot see because the package does not declare them: (host package,
+# versions that trigger the rule, what we must add). diffusers >= 0.37 imports transformers
+# classes from 4.48 on when its autoencoders load (A1111 1.10 pins transformers 4.30.2).
+UNDECLARED = [("transformers", "<4.48", "diffusers<0.37")]
 
 
 def requirements(path: Path = Path(__file__).with_name("requirements.txt")) -> list[str]:
@@ -49,9 +53,25 @@ def installed_constraints() -> str:
     return "\n".join(sorted(pins.values())) + "\n"
 
 
+def undeclared_constraints() -> list[str]:
+    """Extra constraints from UNDECLARED for the packages this Python has."""
+    import importlib.metadata
+
+    from packaging.specifiers import SpecifierSet
+
+    extra = []
+    for package, versions, constraint in UNDECLARED:
+        try:
+            if importlib.metadata.version(package) in SpecifierSet(versions):
+                extra.append(constraint)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return extra
+
+
 def install(reqs: list[str]) -> None:
     with tempfile.NamedTemporaryFile("w", suffix=".txt", prefix="smfsr-constraints-", delete=False) as f:
-        f.write(installed_constraints())
+        f.write(installed_constraints() + "".join(c + "\n" for c in undeclared_constraints()))
     try:
         try:
             import launch  # inside A1111/Forge: their pip wrapper honours --skip-install

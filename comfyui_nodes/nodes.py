@@ -45,6 +45,36 @@ def vae_tiling(tile: int, mode: str) -> VAETiling:
     return VAETiling(mode=mode, decoder_tile=tile or None, encoder_tile=tile * 8 or None)
 
 
+# Inputs several nodes share, declared once so their defaults and tooltips agree.
+def model_input() -> io.Input:
+    return SMFSRModelType.Input("smfsr_model", tooltip="From SMFSR Model Loader.")
+
+
+def scale_input(what: str = "Output size / input size.") -> io.Input:
+    return io.Float.Input("scale", default=4.0, min=0.25, max=16.0, step=0.25, tooltip=what)
+
+
+def seed_input() -> io.Input:
+    return io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
+                        tooltip="Start noise and LR posterior sample; same seed, same image, whatever the tiles.")
+
+
+def sampling_inputs() -> list[io.Input]:
+    return [
+        io.Int.Input("steps", default=1, min=1, max=50, tooltip="Mean-flow steps (official: 1)."),
+        io.Int.Input("tile_size", default=64, min=0, max=512, step=2,
+                     tooltip="Latent tile for the network (latent px, 64 = 512 px); 0 = whole latent."),
+        io.Int.Input("tile_overlap", default=24, min=0, max=256, step=2,
+                     tooltip="Overlap between latent tiles, blended with Gaussian weights."),
+    ]
+
+
+def vae_tile_input() -> io.Input:
+    return io.Int.Input("vae_tile", default=0, min=0, max=1024, step=8,
+                        tooltip="VAE tile (latent px; the encoder uses x8 px). 0 = from free memory "
+                                "(images under 1 MP are not tiled).")
+
+
 def user_error(e: Exception) -> Exception:
     return RuntimeError(str(e)) if isinstance(e, SMFSRError) else e
 
@@ -92,13 +122,11 @@ class SMFSRLREncode(io.ComfyNode):
                         "The LATENT holds raw VAE latents (ComfyUI's convention) plus the posterior variance.",
             inputs=[
                 io.Image.Input("image", tooltip="The low-resolution image(s)."),
-                SMFSRModelType.Input("smfsr_model", tooltip="From SMFSR Model Loader."),
+                model_input(),
                 io.Vae.Input("vae", optional=True,
                              tooltip="The VAE from your SD3.5 checkpoint loader; leave empty to use the model's own VAE."),
-                io.Float.Input("scale", default=4.0, min=0.25, max=16.0, step=0.25,
-                               tooltip="Output size / input size, applied by SMFSR Tiled VAE Decode."),
-                io.Int.Input("vae_tile", default=0, min=0, max=1024, step=8,
-                             tooltip="VAE tile (latent px; the encoder uses x8 px). 0 = from free memory."),
+                scale_input("Output size / input size, applied by SMFSR Tiled VAE Decode."),
+                vae_tile_input(),
             ],
             outputs=[io.Latent.Output(display_name="lr_latent"), io.Image.Output(display_name="lr_upscaled")],
         )
@@ -127,15 +155,10 @@ class SMFSRSampler(io.ComfyNode):
             description="Noise-started mean-flow sampling (1 step by default) conditioned on the LR latent. "
                         "Input and output LATENTs are raw VAE space.",
             inputs=[
-                SMFSRModelType.Input("smfsr_model", tooltip="From SMFSR Model Loader."),
+                model_input(),
                 io.Latent.Input("lr_latent", tooltip="From SMFSR LR Encode (or a VAE Encode of the upsampled LR image)."),
-                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
-                             tooltip="Start noise and LR posterior sample; same seed, same image, whatever the tiles."),
-                io.Int.Input("steps", default=1, min=1, max=50, tooltip="Mean-flow steps (official: 1)."),
-                io.Int.Input("tile_size", default=64, min=0, max=512, step=2,
-                             tooltip="Latent tile for the network (latent px, 64 = 512 px); 0 = whole latent."),
-                io.Int.Input("tile_overlap", default=24, min=0, max=256, step=2,
-                             tooltip="Overlap between latent tiles, blended with Gaussian weights."),
+                seed_input(),
+                *sampling_inputs(),
                 io.Conditioning.Input("conditioning", optional=True,
                                       tooltip="SD3 text conditioning; empty = the model's stored prompt embedding."),
             ],
@@ -223,7 +246,7 @@ class SMFSRColorFix(io.ComfyNode):
             inputs=[
                 io.Image.Input("image", tooltip="The super-resolved image."),
                 io.Image.Input("reference", tooltip="The low-resolution input (any size: it is resized bicubically)."),
-                io.Combo.Input("method", options=[m for m in COLOR_FIXES], default="adain",
+                io.Combo.Input("method", options=list(COLOR_FIXES), default="adain",
                                tooltip="adain: match mean/std per channel; wavelet: swap the low-frequency band."),
             ],
             outputs=[io.Image.Output()],
@@ -246,18 +269,14 @@ class SMFSRUpscale(io.ComfyNode):
             description="The whole SMFSR upscale in one node: LR encode, one-step sampling, exact tiled decode, colour fix.",
             inputs=[
                 io.Image.Input("image", tooltip="The low-resolution image(s)."),
-                SMFSRModelType.Input("smfsr_model", tooltip="From SMFSR Model Loader."),
+                model_input(),
                 io.Vae.Input("vae", optional=True, tooltip="Your SD3.5 VAE; empty = the model's own VAE."),
-                io.Float.Input("scale", default=4.0, min=0.25, max=16.0, step=0.25, tooltip="Output size / input size."),
-                io.Int.Input("seed", default=0, min=0, max=MAX_SEED, control_after_generate=True,
-                             tooltip="Same seed, same image, whatever the tile sizes."),
-                io.Int.Input("steps", default=1, min=1, max=50, tooltip="Mean-flow steps (official: 1)."),
-                io.Int.Input("tile_size", default=64, min=0, max=512, step=2,
-                             tooltip="Latent tile for the network (latent px); 0 = whole latent."),
-                io.Int.Input("tile_overlap", default=24, min=0, max=256, step=2, tooltip="Latent tile overlap."),
-                io.Combo.Input("color_fix", options=[m for m in COLOR_FIXES], default="adain", tooltip="Colour correction."),
-                io.Int.Input("vae_tile", default=0, min=0, max=1024, step=8,
-                             tooltip="VAE tile (latent px); 0 = from free memory (images under 1 MP are not tiled)."),
+                scale_input(),
+                seed_input(),
+                *sampling_inputs(),
+                io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
+                               tooltip="Colour correction toward the input: adain, wavelet or none."),
+                vae_tile_input(),
             ],
             outputs=[io.Image.Output()],
         )

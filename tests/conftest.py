@@ -53,6 +53,25 @@ def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
     return (np.clip(base, 0, 1) * 255).astype(np.uint8)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cannot_import(python: str, modules: str) -> str | None:
+    """Why ``python`` cannot import ``modules`` (comma-separated), or None if it can."""
+    import subprocess
+
+    probe = subprocess.run([python, "-c", f"import {modules}"], capture_output=True, text=True)
+    if probe.returncode == 0:
+        return None
+    last = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "unknown error"
+    return f"{python} cannot import {modules} ({last})"
+
+
 @pytest.fixture
 def sample_png(tmp_path) -> Path:
     path = tmp_path / "input.png"

@@ -11,7 +11,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import photo_like
+from tests.conftest import cannot_import, free_port, photo_like
 
 REPO = Path(__file__).resolve().parents[1]
 A1111_DIR = os.environ.get("A1111_DIR")
@@ -37,21 +36,10 @@ def _missing() -> str | None:
         return f"A1111_DIR={A1111_DIR} has no launch.py"
     if not (Path(A1111_DIR) / "repositories" / "stable-diffusion-stability-ai").is_dir():
         return f"A1111_DIR={A1111_DIR} lacks repositories/ (stable-diffusion-stability-ai, k-diffusion, ...)"
-    probe = subprocess.run([A1111_PYTHON, "-c", "import torch, gradio, fastapi, diffusers, safetensors"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        last = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "unknown error"
-        return f"A1111_PYTHON={A1111_PYTHON} cannot import torch, gradio, fastapi and diffusers ({last})"
-    return None
+    return cannot_import(A1111_PYTHON, "torch, gradio, fastapi, diffusers, safetensors")
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _call(url: str, payload: dict | None = None):
@@ -69,7 +57,7 @@ def webui(tmp_path_factory, tiny_bundle_path):
     os.symlink(REPO, data / "extensions" / "smfsr")
     (data / "models" / "SMFSR").mkdir(parents=True)
     shutil.copy(tiny_bundle_path, data / "models" / "SMFSR" / "tiny.safetensors")
-    port = _free_port()
+    port = free_port()
     log = open(data / "webui.log", "w")
     proc = subprocess.Popen(
         [A1111_PYTHON, "launch.py", "--skip-prepare-environment", "--skip-install", "--no-download-sd-model",

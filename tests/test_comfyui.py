@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import photo_like
+from tests.conftest import cannot_import, free_port, photo_like
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -36,20 +35,10 @@ def _missing() -> str | None:
         return "COMFYUI_DIR is not set (point it at a ComfyUI checkout to run the ComfyUI integration tests)"
     if not (Path(COMFYUI_DIR) / "main.py").exists():
         return f"COMFYUI_DIR={COMFYUI_DIR} has no main.py"
-    probe = subprocess.run([COMFYUI_PYTHON, "-c", "import torch, torchvision, aiohttp, smfsr"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        return (f"COMFYUI_PYTHON={COMFYUI_PYTHON} cannot import torch, torchvision, aiohttp and smfsr "
-                f"({probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else 'unknown error'})")
-    return None
+    return cannot_import(COMFYUI_PYTHON, "torch, torchvision, aiohttp, smfsr")
 
 
 pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Comfy:
@@ -107,7 +96,7 @@ def comfy(tmp_path_factory, tiny_bundle_path):
     (base / "input").mkdir()
     Image.fromarray(photo_like(40, 56)).save(base / "input" / "example.png")
     Image.fromarray(photo_like(96, 96, seed=3)).save(base / "input" / "large.png")
-    port = _free_port()
+    port = free_port()
     log = open(base / "comfyui.log", "w")
     proc = subprocess.Popen(
         [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",

@@ -35,3 +35,15 @@ def test_only_missing_requirements_are_installed(tmp_path):
 def test_running_it_twice_changes_nothing():
     result = subprocess.run([sys.executable, str(REPO / "install.py")], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and "all requirements present" in result.stdout
+
+
+def test_undeclared_incompatibilities_become_constraints(monkeypatch):
+    import importlib.metadata
+
+    version = importlib.metadata.version("safetensors")
+    monkeypatch.setattr(install, "UNDECLARED", [("safetensors", f"=={version}", "diffusers<0.37"),
+                                                ("safetensors", "<0.0.1", "never-added"),
+                                                ("surely-not-installed-smfsr", ">=0", "never-added")])
+    assert install.undeclared_constraints() == ["diffusers<0.37"]
+    pins = install.installed_constraints()
+    assert f"safetensors=={version}" in pins.lower() and "torch==" in pins.lower()

@@ -471,22 +471,21 @@ def _bytes_per_input_px(steps: list[Step], channels_at: list[int], itemsize: int
     return peak * itemsize * 6
 
 
-def _budget(device: torch.device, tiling: VAETiling) -> int:
-    if tiling.memory_budget is not None:
-        return tiling.memory_budget
+def _bytes(device: torch.device, explicit: int | None, cuda_share: int, cpu_default: int) -> int:
+    """An explicit budget, else 1/cuda_share of free CUDA memory, else a fixed CPU default."""
+    if explicit is not None:
+        return explicit
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 2
-    return 1 << 30
+        return torch.cuda.mem_get_info(device)[0] // cuda_share
+    return cpu_default
+
+
+def _budget(device: torch.device, tiling: VAETiling) -> int:
+    return _bytes(device, tiling.memory_budget, 2, 1 << 30)
 
 
 def _cache_budget(device: torch.device, tiling: VAETiling) -> int:
-    if tiling.cache_budget is not None:
-        return tiling.cache_budget
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return free // 4
-    return 2 << 30
+    return _bytes(device, tiling.cache_budget, 4, 2 << 30)
 
 
 def _channels(vae: nn.Module, steps: list[Step], x: Tensor) -> list[int]:
