@@ -11,10 +11,10 @@ from smfsr.pipeline import SMFSRUpscaler
 from .harness import Table, median_time
 
 
-def run(quick: bool = False) -> Table:
+def run(mode: str = "default") -> Table:
     table = Table("Sampling: one SMFSR step vs a 40-step teacher (same network, latent tiles as in the pipeline)",
                   ["network", "latent", "SMFSR 1 step", "teacher 40 steps", "ratio"])
-    sizes = [(32, 32)] if quick else [(32, 32), (64, 64)]
+    sizes = [(32, 32)] if mode == "quick" else [(32, 32), (64, 64)]
     for preset in ("tiny", "small"):
         student, teacher = random_bundle(preset), random_bundle(TEACHER_OF[preset])
         s_up, t_up = SMFSRUpscaler(student), SMFSRUpscaler(teacher)

@@ -62,8 +62,8 @@ def _untiled_fits(size: int) -> bool:
     return need < 0.6 * available
 
 
-def run(quick: bool = False) -> Table:
-    sizes = [1024] if quick else [1024, 2048, 4096]
+def run(mode: str = "default") -> Table:
+    sizes = {"quick": [1024], "default": [1024, 2048], "full": [1024, 2048, 4096]}[mode]
     table = Table(
         "Tiled VAE decode (SD3.5-shaped VAE, narrow levels, random weights), tile 64 latent px",
         ["output", "variant", "time", "peak memory over baseline", "max abs error vs untiled (0..1)"],

@@ -68,11 +68,11 @@ def _step(objective: str, preset: str, latent: int, batch: int) -> dict:
     return {"seconds": times[len(times) // 2], "peak": peak_rss_bytes() - base}
 
 
-def run(quick: bool = False) -> Table:
+def run(mode: str = "default") -> Table:
     table = Table("Training step: ISC (SplitMeanFlow) vs JVP (MeanFlow), same student and teacher",
                   ["network", "latent x batch", "ISC step", "JVP step", "JVP / ISC time", "ISC peak", "JVP peak",
                    "JVP / ISC memory"])
-    cases = [("tiny", 16, 4)] if quick else [("tiny", 16, 4), ("small", 32, 4)]
+    cases = [("tiny", 16, 4)] if mode == "quick" else [("tiny", 16, 4), ("small", 32, 4)]
     for preset, latent, batch in cases:
         isc = in_child(_step, "isc", preset, latent, batch)
         jvp = in_child(_step, "jvp", preset, latent, batch)

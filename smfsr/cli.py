@@ -167,6 +167,17 @@ def _say(args: argparse.Namespace, message: str) -> None:
         print(message, file=sys.stderr)
 
 
+def cmd_app(args: argparse.Namespace) -> int:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        raise SMFSRError("the app needs gradio: pip install 'smfsr[app]' (or pip install gradio)") from None
+    from .app import serve
+
+    serve(args.model, args.models_dir, args.host, args.port, args.device, args.dtype)
+    return EXIT_OK
+
+
 def cmd_info(args: argparse.Namespace) -> int:
     from .checkpoint import describe
 
@@ -229,6 +240,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("-q", "--quiet", action="store_true")
     up.add_argument("--debug", action="store_true", help="print tracebacks for unexpected errors")
     up.set_defaults(func=cmd_upscale)
+
+    app = sub.add_parser("app", help="a local web page to upscale images (gradio)")
+    app.add_argument("--model", help="the model selected first (default: models found in --models-dir and models/)")
+    app.add_argument("--models-dir", help="a folder of SMFSR models to list")
+    app.add_argument("--host", default="127.0.0.1", help="address to serve on (default loopback; others expose the app)")
+    app.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
+    app.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    app.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16")
+    app.set_defaults(func=cmd_app)
 
     info = sub.add_parser("info", help="describe a model file or folder")
     info.add_argument("model")

@@ -98,7 +98,10 @@ def random_blur_kernel(g: torch.Generator, p: DegradationParams, sigma: tuple[fl
 
 def filter2d(image: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
     pad = kernel.shape[-1] // 2
-    x = F.pad(image, (pad,) * 4, mode="reflect")
+    # reflect, as Real-ESRGAN does; an image smaller than the kernel (a small crop after a strong
+    # downscale) cannot be reflected that far, so its border is replicated instead
+    mode = "reflect" if pad < min(image.shape[-2:]) else "replicate"
+    x = F.pad(image, (pad,) * 4, mode=mode)
     weight = kernel.to(image)[None, None].expand(image.shape[1], 1, -1, -1)
     return F.conv2d(x, weight, groups=image.shape[1])
 

@@ -11,7 +11,7 @@ def _square(x: int) -> dict:
 
 
 def test_step_benchmark_runs_and_one_step_is_faster():
-    table = steps.run(quick=True)
+    table = steps.run("quick")
     assert isinstance(table, Table) and len(table.rows) == 2
     for row in table.rows:
         assert float(row[-1].rstrip("x")) > 5  # 40 teacher steps vs 1 SMFSR step

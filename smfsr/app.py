@@ -1,0 +1,154 @@
+"""A local web page for SMFSR (gradio): ``smfsr app [--model PATH] [--host 127.0.0.1] [--port N]``.
+
+Drop one image or several, choose the model, scale, seed (the dice draws one), steps, tile and
+colour fix; see before and after with a comparison slider at the same zoom; download PNGs. The
+work runs in gradio's queue, one job at a time, with a per-tile progress bar and a Cancel button.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import threading
+from pathlib import Path
+
+from .errors import SMFSRError
+from .models.catalog import ModelEntry, find_models
+from .models.default import REPO_MODELS
+
+LOOPBACK = "127.0.0.1"
+
+
+class Models:
+    """The model menu and the loaded upscalers (one at a time is kept: they can be large)."""
+
+    def __init__(self, entries: list[ModelEntry], device: str | None, dtype: str | None):
+        self.entries = {e.name: e for e in entries}
+        self.device, self.dtype = device, dtype
+        self.loaded: tuple[str, object] | None = None
+        self.lock = threading.Lock()
+
+    def names(self) -> list[str]:
+        return list(self.entries)
+
+    def get(self, name: str):
+        from .pipeline import SMFSRUpscaler
+
+        if name not in self.entries:
+            raise SMFSRError(f"unknown model {name!r}; choose one from the list")
+        with self.lock:
+            if self.loaded is None or self.loaded[0] != name:
+                self.loaded = None
+                self.loaded = (name, SMFSRUpscaler.from_pretrained(self.entries[name].path, device=self.device,
+                                                                   dtype=self.dtype))
+            return self.loaded[1]
+
+
+def model_entries(model: str | None, models_dir: str | None) -> list[ModelEntry]:
+    """--model (or $SMFSR_MODEL) first, then the models in --models-dir and the repository's models/."""
+    model = model or os.environ.get("SMFSR_MODEL")
+    entries = find_models(([Path(models_dir)] if models_dir else []) + [REPO_MODELS])
+    if model:
+        path = Path(model).resolve()
+        chosen = [e for e in find_models([path.parent]) if e.path.resolve() == path]
+        if not chosen:
+            raise SMFSRError(f"{model} is not an SMFSR bundle or official folder")
+        entries = chosen + [e for e in entries if e.path.resolve() != path]
+    if not entries:
+        raise SMFSRError("no SMFSR models found: pass --model FILE or --models-dir DIR")
+    return entries
+
+
+def upscale_files(models: Models, files: list, model_name: str, scale: float, seed: int, steps: int, tile: int,
+                  color_fix: str, progress) -> tuple:
+    """The Run button: upscale every file; return (before, after) of the first, the PNGs, a note."""
+    import gradio as gr
+
+    from .imageio import from_pil, open_image
+    from .pipeline import UpscaleOptions, resize
+
+    if not files:
+        raise gr.Error("Drop or pick an image first.")
+    try:
+        upscaler = models.get(model_name)
+    except SMFSRError as e:
+        raise gr.Error(f"The model could not be loaded: {e}") from None
+    out_dir = Path(tempfile.mkdtemp(prefix="smfsr-app-"))
+    options = UpscaleOptions(scale=float(scale), seed=int(seed), steps=int(steps), tile_size=int(tile), color_fix=color_fix)
+    results, notes, slider = [], [], None
+    for index, file in enumerate(files):
+        path = Path(file if isinstance(file, str) else file.name)
+        try:
+            image = from_pil(open_image(path))
+        except SMFSRError as e:
+            notes.append(f"**{path.name}**: {e}")
+            continue
+
+        def tick(done: int, total: int, i=index) -> None:
+            progress((i + done / total) / len(files), desc=f"{path.name}: tile {done}/{total}")
+
+        try:
+            result = upscaler.upscale_image(image, options, progress=tick)
+        except SMFSRError as e:
+            notes.append(f"**{path.name}**: {e}")
+            continue
+        target = out_dir / f"{path.stem}_smfsr_x{scale:g}.png"
+        result.save(target)
+        results.append(str(target))
+        notes += [f"{path.name}: {n}" for n in image.notes]
+        if slider is None:  # before = the input, bicubic to the output size: the same zoom
+            from .imageio import to_pil
+
+            before = to_pil(resize(image.rgb[None], result.height, result.width)[0])
+            slider = (before, result.convert("RGB"))
+    if not results:
+        raise gr.Error("No image could be upscaled. " + " ".join(notes))
+    note = f"Upscaled {len(results)} of {len(files)} image(s) with seed {int(seed)}."
+    return slider, results, "\n\n".join([note] + notes)
+
+
+def build(models: Models):
+    import gradio as gr
+
+    first = models.entries[models.names()[0]]
+    with gr.Blocks(title="SMFSR") as demo:
+        gr.Markdown("# SMFSR: one-step super-resolution\nDrop images, choose settings, press **Upscale**.")
+        with gr.Row():
+            with gr.Column(scale=1):
+                files = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="smfsr-input")
+                model = gr.Dropdown(models.names(), value=first.name, label="Model")
+                scale = gr.Slider(1, 8, value=first.factor, step=0.5, label="Scale")
+                with gr.Row():
+                    seed = gr.Number(0, precision=0, label="Seed", minimum=0)
+                    dice = gr.Button("Random seed", scale=0, min_width=90, elem_id="smfsr-dice")
+                steps = gr.Slider(1, 8, value=1, step=1, label="Steps (1 = one-step, as trained)")
+                tile = gr.Slider(0, 256, value=64, step=8, label="Latent tile (0 = whole image)")
+                color = gr.Radio(["adain", "wavelet", "none"], value="adain", label="Colour fix")
+                with gr.Row():
+                    run = gr.Button("Upscale", variant="primary", elem_id="smfsr-run")
+                    cancel = gr.Button("Cancel", elem_id="smfsr-cancel")
+            with gr.Column(scale=2):
+                compare = gr.ImageSlider(label="Before / after", type="pil", format="png", elem_id="smfsr-result")
+                downloads = gr.File(label="Download (PNG)", file_count="multiple", elem_id="smfsr-downloads")
+                status = gr.Markdown(elem_id="smfsr-status")
+
+        def go(files, model, scale, seed, steps, tile, color, progress=gr.Progress()):
+            return upscale_files(models, files, model, scale, seed, steps, tile, color, progress)
+
+        job = run.click(go, [files, model, scale, seed, steps, tile, color], [compare, downloads, status],
+                        api_name="upscale", concurrency_limit=1)
+        cancel.click(None, cancels=[job])
+        dice.click(lambda: random.randrange(2**31), None, seed, api_name=False)
+    return demo
+
+
+def serve(model: str | None, models_dir: str | None, host: str, port: int | None, device: str | None,
+          dtype: str | None, block: bool = True):
+    models = Models(model_entries(model, models_dir), device, dtype)
+    if host != LOOPBACK:
+        print(f"warning: serving on {host}: anyone who can reach this machine can use the app (there is no login)")
+    demo = build(models)
+    demo.queue(default_concurrency_limit=1)
+    demo.launch(server_name=host, server_port=port, prevent_thread_lock=not block, show_error=True, quiet=not block)
+    return demo

@@ -1,0 +1,104 @@
+"""The gradio app: driven through gradio_client, and through a real headless Chromium."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from tests.conftest import free_port, photo_like
+
+gradio = pytest.importorskip("gradio", reason="gradio is not installed (pip install 'smfsr[app]')")
+
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = REPO / "test-artifacts"
+CHROMIUM, CHROMEDRIVER = "/usr/bin/chromium", "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def app(tmp_path_factory, tiny_bundle_path):
+    from smfsr.app import serve
+
+    models = tmp_path_factory.mktemp("app-models")
+    shutil.copy(tiny_bundle_path, models / "tiny.safetensors")
+    port = free_port()
+    demo = serve(None, str(models), "127.0.0.1", port, "cpu", "fp32", block=False)
+    yield f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def reference(tiny_bundle_path: Path, path: Path, seed: int) -> np.ndarray:
+    from smfsr.imageio import from_pil, open_image
+    from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
+
+    up = SMFSRUpscaler.from_pretrained(tiny_bundle_path, device="cpu", dtype="fp32")
+    options = UpscaleOptions(scale=4, seed=seed, steps=1, tile_size=64, color_fix="adain")
+    return np.asarray(up.upscale_image(from_pil(open_image(path)), options))
+
+
+def test_client_upload_run_download_matches_the_library(app, tiny_bundle_path, tmp_path):
+    from gradio_client import Client, handle_file
+
+    source = tmp_path / "in.png"
+    Image.fromarray(photo_like(40, 56)).save(source)
+    client = Client(app, verbose=False)
+    slider, downloads, status = client.predict([handle_file(str(source))], "SMFSR x4 (tiny)", 4, 3, 1, 64, "adain",
+                                               api_name="/upscale")
+    assert "Upscaled 1 of 1" in status and "seed 3" in status
+    result = np.asarray(Image.open(downloads[0]))
+    assert result.shape == (160, 224, 3)
+    assert np.array_equal(result, reference(tiny_bundle_path, source, 3))
+    before, after = (Image.open(p) for p in slider)
+    assert before.size == after.size == (224, 160)  # before/after at the same zoom
+
+
+def test_bad_images_are_reported_on_the_page(app, tmp_path):
+    from gradio_client import Client, handle_file
+
+    bad = tmp_path / "notes.png"
+    bad.write_text("not an image")
+    client = Client(app, verbose=False)
+    with pytest.raises(Exception, match="not an image file"):
+        client.predict([handle_file(str(bad))], "SMFSR x4 (tiny)", 4, 0, 1, 64, "adain", api_name="/upscale")
+
+
+@pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+                    reason=f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium chromium-driver")
+def test_in_a_real_browser(app, tmp_path):
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    source = tmp_path / "browser.png"
+    Image.fromarray(photo_like(48, 64, seed=4)).save(source)
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--no-first-run", "--disable-sync", "--window-size=1400,1000",
+                 f"--user-data-dir={tmp_path / 'profile'}"):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    try:
+        driver.get(app)
+        wait = WebDriverWait(driver, 120)
+        upload = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#smfsr-input input[type=file]"))
+        upload.send_keys(str(source))
+        wait.until(lambda d: "browser" in d.find_element(By.ID, "smfsr-input").text)  # name and suffix render apart
+        driver.find_element(By.ID, "smfsr-run").click()
+        sizes = wait.until(lambda d: [
+            (img.get_property("naturalWidth"), img.get_property("naturalHeight"))
+            for img in d.find_elements(By.CSS_SELECTOR, "#smfsr-result img")
+            if img.get_property("naturalWidth")] or None)
+        assert (256, 192) in sizes  # 4 x 64 by 4 x 48
+        wait.until(lambda d: "Upscaled 1 of 1" in d.find_element(By.ID, "smfsr-status").text)
+        time.sleep(0.5)
+        ARTIFACTS.mkdir(exist_ok=True)
+        driver.save_screenshot(str(ARTIFACTS / "app.png"))
+    finally:
+        driver.quit()
