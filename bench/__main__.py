@@ -15,6 +15,7 @@ COMPARISONS = {
     "steps": "bench.steps",  # one SMFSR step vs a 40-step teacher
     "tiled_vae": "bench.tiled_vae",  # exact / fast / diffusers tiled VAE vs untiled
     "training_step": "bench.training_step",  # ISC vs MeanFlow JVP training step
+    "pipeline": "bench.pipeline",  # end to end vs 40 teacher steps, throughput, scaling with size
 }
 
 
@@ -26,7 +27,10 @@ def main() -> None:
     parser.add_argument("--no-write", action="store_true", help="print, don't append to bench/RESULTS.md")
     args = parser.parse_args()
     mode = "quick" if args.quick else "full" if args.full else "default"
-    tables = [importlib.import_module(COMPARISONS[name]).run(mode) for name in (args.only or COMPARISONS)]
+    tables = []
+    for name in args.only or COMPARISONS:
+        result = importlib.import_module(COMPARISONS[name]).run(mode)
+        tables += result if isinstance(result, list) else [result]
     report(tables, write=not args.no_write)
 
 

@@ -238,6 +238,10 @@ def _fill_transformer(name: str, model: torch.nn.Module) -> torch.Tensor:
     return torch.zeros(shape)  # an unused official module
 
 
+def _fill_nothing(name: str, model: torch.nn.Module) -> torch.Tensor:
+    raise CheckpointError(f"tensor {name} is missing")  # unreachable: check_state lists missing tensors first
+
+
 # --------------------------------------------------------------------------------------------
 # bundles
 
@@ -343,7 +347,7 @@ def load_bundle(
 
     tensors = load_file(str(path), device="cpu")
     transformer = _load_into(make_transformer, _split(tensors, "transformer."), _fill_transformer)
-    vae = _load_into(make_vae, _split(tensors, "vae."), _fill_transformer) if v_config is not None else None
+    vae = _load_into(make_vae, _split(tensors, "vae."), _fill_nothing) if v_config is not None else None
     bundle = Bundle(
         transformer=transformer, vae=vae,
         prompt_embeds=tensors.get("prompt.embeds"), prompt_pooled=tensors.get("prompt.pooled"),
@@ -475,7 +479,7 @@ def import_vae(path: str | os.PathLike) -> AutoencoderKL:
         return build_vae(config, weights)
 
     check_state(expected_shapes(make), shapes, what="diffusers AutoencoderKL", path=weights)
-    return _load_into(make, load_file(str(weights)), _fill_transformer)
+    return _load_into(make, load_file(str(weights)), _fill_nothing)
 
 
 def load_model(

@@ -20,3 +20,19 @@ def test_step_benchmark_runs_and_one_step_is_faster():
 def test_child_processes_report_results_and_errors():
     assert in_child(_square, 7) == {"value": 49}
     assert "error" in in_child(_square, "x")
+
+
+def test_gpu_check_passes_its_dry_run(tmp_path):
+    """The prepared GPU script, at tiny size on the CPU: it must be known to work before a GPU is lent."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_check.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path), "--dry-run"], capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert len(runs) == 6 and all(r["seconds"] > 0 for r in runs)
+    assert "teacher 40 steps" in (tmp_path / "results.md").read_text()
