@@ -175,7 +175,7 @@ class SMFSRSampler(io.ComfyNode):
             if conditioning is not None:
                 embeds, pooled = text_from_conditioning(conditioning)
             embeds, pooled = up.text(mean.shape[0], embeds, pooled)
-            up._check_tile(tile_size, tile_overlap)
+            up.check_tile(tile_size, tile_overlap)
             latent = up.generate(mean.to(up.device), None if logvar is None else logvar.to(up.device),
                                  seeds=[seed] * mean.shape[0], steps=steps, tile=tile_size, overlap=tile_overlap,
                                  embeds=embeds, pooled=pooled, progress=progress_bar())

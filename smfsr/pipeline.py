@@ -221,14 +221,15 @@ class SMFSRUpscaler:
     def sample(self, lr_latent: torch.Tensor, noise: torch.Tensor, *, steps: int, tile: int, overlap: int,
                embeds: torch.Tensor, pooled: torch.Tensor, progress: Callable[[], None] | None = None) -> torch.Tensor:
         """Latent from noise, conditioned on the LR latent: mean-flow steps, or Euler for a teacher."""
-        tile = self._check_tile(tile, overlap)
+        tile = self.check_tile(tile, overlap)
         fn = self.velocity_fn(lr_latent, embeds, pooled, tile, overlap, progress)
         z0 = noise.to(self.device, torch.float32)
         if self.transformer.is_average_velocity:
             return meanflow.sample_average_velocity(fn, z0, steps)
         return meanflow.sample_euler(fn, z0, steps, shift=self.defaults.flow_shift)
 
-    def _check_tile(self, tile: int, overlap: int) -> int:
+    def check_tile(self, tile: int, overlap: int) -> int:
+        """Validate a latent tile size and overlap before any work starts; returns the tile."""
         p = self.transformer.config.patch_size
         if tile and tile % p:
             raise SMFSRError(f"latent tile size {tile} must be a multiple of the patch size {p}")
