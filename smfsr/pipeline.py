@@ -280,14 +280,13 @@ class SMFSRUpscaler:
         if len(seeds) != batch:
             raise SMFSRError(f"{len(seeds)} seeds for {batch} images")
         embeds, pooled = self.text(batch, prompt_embeds, prompt_pooled)
-        if o.vae_tiling is not None:
-            self.codec = replace(self.codec, tiling=o.vae_tiling)
+        codec = replace(self.codec, tiling=o.vae_tiling) if o.vae_tiling is not None else self.codec  # this call only
 
         control = self.prepare(images.to(self.device, torch.float32))
-        mean, logvar = self.codec.moments(control)
+        mean, logvar = codec.moments(control)
         latent = self.generate(mean, logvar, seeds=seeds, steps=steps, tile=tile, overlap=overlap,
                                embeds=embeds, pooled=pooled, progress=progress)
-        sr = self.codec.decode(latent)
+        sr = codec.decode(latent)
         out_h, out_w = max(1, round(height * scale)), max(1, round(width * scale))
         # Colour is taken from the input itself, bicubic to the output size (the Color Fix node
         # does the same, so the modular ComfyUI chain gives these exact pixels).

@@ -201,3 +201,13 @@ def test_out_of_memory_halves_the_tile_and_retries(monkeypatch):
     x = torch.from_numpy(photo_like(64, 64)).permute(2, 0, 1).float()[None] / 255  # a 32x32 latent
     out = up(x, UpscaleOptions(tile_size=32, tile_overlap=8))
     assert out.shape == (1, 3, 256, 256) and sizes[0] == 32 and set(sizes[1:]) == {16}
+
+
+def test_per_call_vae_tiling_does_not_stick(upscaler):
+    from smfsr.tiling.vae import VAETiling
+
+    before = upscaler.codec.tiling
+    x = torch.from_numpy(photo_like(40, 56)).permute(2, 0, 1).float()[None] / 255
+    tiled = upscaler(x, UpscaleOptions(vae_tiling=VAETiling(decoder_tile=16, encoder_tile=128, threshold_pixels=0)))
+    assert upscaler.codec.tiling is before
+    assert (tiled - upscaler(x)).abs().max() <= 1e-4  # exact tiling: same image
