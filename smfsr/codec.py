@@ -88,13 +88,14 @@ class LatentCodec:
             z = mean + torch.exp(0.5 * logvar) * noise.to(mean.device, mean.dtype)
         return self.normalize(z)
 
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        """Images in [0, 1] from normalised latents."""
+    def decode(self, latent: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
+        """Images in [0, 1] from normalised latents; ``grad=True`` keeps the graph (training the
+        generator through a frozen decoder; never tiled)."""
         z = self.denormalize(latent).to(self.device, self.dtype)
-        if self._tiled(z.shape[-2] * z.shape[-1] * self.downscale**2):
+        if not grad and self._tiled(z.shape[-2] * z.shape[-1] * self.downscale**2):
             x = tiled_decode(self.vae, z, self.tiling)
         else:
-            with torch.no_grad():
+            with torch.set_grad_enabled(grad):
                 if getattr(self.vae, "post_quant_conv", None) is not None:
                     z = self.vae.post_quant_conv(z)
                 x = self.vae.decoder(z)

@@ -13,14 +13,14 @@ from typing import Any, get_type_hints
 
 @dataclass
 class TrainConfig:
-    stage: str = "flow"  # vae (a codec for from-scratch models) | flow (the LR-conditioned teacher) | meanflow (ISC)
+    stage: str = "flow"  # vae (a codec) | flow (the LR-conditioned teacher) | meanflow (ISC) | refine (GAN + VSD)
     output_dir: str = "runs/tiny"
     seed: int = 0
 
     # --- networks ---------------------------------------------------------------------------
     preset: str = "tiny"  # student preset; the teacher is its TEACHER_OF preset
-    init: str | None = None  # flow: start from this bundle/official folder instead of random weights
-    teacher: str | None = None  # meanflow: the frozen teacher (default: <output_dir>/flow.safetensors)
+    init: str | None = None  # flow: start from this bundle/official folder; refine: the student (default: <output_dir>/meanflow.safetensors)
+    teacher: str | None = None  # meanflow, refine: the frozen teacher (default: <output_dir>/flow.safetensors)
     vae: str | None = None  # bundle with a VAE, or a diffusers VAE folder/file
     vae_preset: str | None = None  # a random VAE from a preset (tests only)
     trainable: str = "all"  # all | control (only *_control layers: fine-tuning a pretrained SD3.5 DiT)
@@ -63,6 +63,26 @@ class TrainConfig:
     fixed_interval_fraction: float = 0.1  # share on [0, 1], [0, .5], [.5, 1]
     teacher_cfg: float = 1.0  # classifier-free guidance inside the teacher target (1 = off)
 
+    # --- refine stage (DINOv3 GAN + VSD, method.md 2.5; README "Choices") -------------------------
+    generator_lora_rank: int = 0  # 0: the generator trains fully (its `trainable` layers); > 0: as a LoRA
+    fake_lora_rank: int = 16  # the VSD fake score: a LoRA of this rank on a copy of the teacher
+    fake_learning_rate: float = 1e-4
+    dinov3: str | None = None  # DINOv3 ViT folder (transformers layout, safetensors), e.g. dinov3-vits16
+    dino_layers: str = "3,6,9,12"  # blocks whose patch tokens the discriminator heads read
+    dino_resolution: int = 224  # short side the images are resized to before DINOv3
+    disc_width: int = 128
+    disc_conditioned: bool = True  # the heads also see the LR image
+    disc_learning_rate: float = 1e-4
+    gan_loss: str = "hinge"  # hinge | nonsaturating
+    r1_gamma: float = 0.0  # R1 penalty on real images (0: off)
+    weight_l2: float = 1.0  # reconstruction against the HR latent
+    weight_l1: float = 0.0
+    weight_gan: float = 0.1
+    weight_vsd: float = 1.0
+    vsd_t_min: float = 0.02
+    vsd_t_max: float = 0.98
+    vsd_cfg: float = 1.0  # classifier-free guidance on the real score (1: off)
+
     # --- bookkeeping -----------------------------------------------------------------------------
     log_every: int = 10
     val_every: int = 200
@@ -76,8 +96,12 @@ class TrainConfig:
     process_size: int = 0  # stored in the bundle (0: 4 x crop / scale... i.e. the training crop)
 
     def validate(self) -> None:
-        if self.stage not in ("vae", "flow", "meanflow"):
-            raise SystemExit(f"config: stage must be 'vae', 'flow' or 'meanflow', not {self.stage!r}")
+        if self.stage not in ("vae", "flow", "meanflow", "refine"):
+            raise SystemExit(f"config: stage must be 'vae', 'flow', 'meanflow' or 'refine', not {self.stage!r}")
+        if self.gan_loss not in ("hinge", "nonsaturating"):
+            raise SystemExit(f"config: gan_loss must be 'hinge' or 'nonsaturating', not {self.gan_loss!r}")
+        if not 0 <= self.vsd_t_min < self.vsd_t_max <= 1:
+            raise SystemExit("config: need 0 <= vsd_t_min < vsd_t_max <= 1")
         if self.trainable not in ("all", "control"):
             raise SystemExit(f"config: trainable must be 'all' or 'control', not {self.trainable!r}")
         if self.degradation not in ("realesrgan", "bicubic"):

@@ -4,6 +4,7 @@ One loop for every stage; a stage is the loss it adds:
   vae       a small AutoencoderKL, for models trained from scratch            -> vae_model/ (diffusers)
   flow      an LR-conditioned flow-matching teacher (DiT4SR recipe)           -> flow.safetensors
   meanflow  the SMFSR student, distilled from the frozen teacher with ISC     -> meanflow.safetensors
+  refine    the student sharpened by a DINOv3 GAN and VSD under the teacher   -> refine.safetensors
 Checkpoints (``<output_dir>/<stage>/checkpoint-<step>/``, written atomically) hold the accelerate
 state plus the EMA weights (safetensors) and the step; ``--resume`` continues from the stage's latest. Every stage
 exports its EMA weights as a bundle that ``smfsr upscale`` and the doors load.
@@ -11,6 +12,7 @@ exports its EMA weights as a bundle that ``smfsr upscale`` and the doors load.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -19,6 +21,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script by accelerate launch
@@ -41,10 +44,15 @@ from smfsr.codec import LatentCodec  # noqa: E402
 from smfsr.models.presets import TEACHER_OF, transformer_config, vae_config  # noqa: E402
 from smfsr_trainer.config import TrainConfig, dump, load_config  # noqa: E402
 from smfsr_trainer.data import EpochSampler, SRPairs  # noqa: E402
+from smfsr_trainer.discriminator import DiscriminatorHeads, load_dinov3, parse_layers  # noqa: E402
 from smfsr_trainer.ema import EMA  # noqa: E402
+from smfsr_trainer.lora import add_lora, has_lora, merged_state_dict  # noqa: E402
 from smfsr_trainer.stages import (  # noqa: E402
     Condition, average_velocity_fn, drop_text, flow_matching_loss, guided, latent_statistics, meanflow_loss,
     student_from_teacher, vae_loss, velocity_fn,
+)
+from smfsr_trainer.stages.refine import (  # noqa: E402
+    RefineBatch, RefineNets, discriminator_step_loss, fake_score_loss, generator_loss,
 )
 
 log = logging.getLogger("smfsr.trainer")
@@ -57,10 +65,11 @@ log = logging.getLogger("smfsr.trainer")
 @dataclass
 class Networks:
     trained: torch.nn.Module  # the network this stage trains and exports
-    teacher: torch.nn.Module | None  # frozen (meanflow)
+    teacher: torch.nn.Module | None  # frozen (meanflow, refine)
     codec: LatentCodec | None  # frozen VAE + latent normalisation (None in stage vae)
     prompt: tuple[torch.Tensor, torch.Tensor]  # (embeds, pooled) used for every sample
     null: tuple[torch.Tensor, torch.Tensor]  # the empty prompt, for text dropout and CFG
+    refine: RefineNets | None = None  # fake score and discriminator (refine)
 
 
 def load_vae(config: TrainConfig, fallback: Bundle | None) -> tuple[torch.nn.Module, float, float]:
@@ -88,8 +97,19 @@ def text(config: TrainConfig, path: str | None, joint: int, pooled: int) -> tupl
     return torch.zeros(1, 1, joint), torch.zeros(1, pooled)  # a "null" prompt for caption-free training
 
 
+def frozen_model(path: str, what: str, *, average_velocity: bool) -> Bundle:
+    """A bundle whose transformer is (``average_velocity``) a mean-flow student or a flow teacher."""
+    if not Path(path).exists():
+        raise SystemExit(f"stage needs {what}: {path} does not exist (run the stage that exports it, or set it)")
+    bundle = load_model(path)
+    if bundle.transformer.is_average_velocity != average_velocity:
+        kind = "a mean-flow (one-step) student" if average_velocity else "a flow teacher"
+        raise SystemExit(f"{path} is not {kind}, as {what} must be")
+    return bundle
+
+
 def build_networks(config: TrainConfig) -> Networks:
-    teacher_bundle = None
+    teacher_bundle = None  # the bundle whose VAE and prompt this stage reuses
     if config.stage == "vae":
         torch.manual_seed(config.seed)
         vae = import_vae(config.init) if config.init else build_vae(vae_config(config.vae_preset or "small"))
@@ -107,16 +127,20 @@ def build_networks(config: TrainConfig) -> Networks:
         teacher = None
     else:
         path = config.teacher or str(Path(config.output_dir) / "flow.safetensors")
-        if not Path(path).exists():
-            raise SystemExit(f"stage meanflow needs a teacher: {path} does not exist (run stage flow, or set teacher)")
-        teacher_bundle = load_model(path)
+        teacher_bundle = frozen_model(path, "a teacher", average_velocity=False)
         teacher = teacher_bundle.transformer.eval().requires_grad_(False)
-        if teacher.is_average_velocity:
-            raise SystemExit(f"{path} is already a mean-flow model; the teacher must be a flow model")
-        trained = student_from_teacher(teacher)
+        if config.stage == "meanflow":
+            trained = student_from_teacher(teacher)
+        else:  # refine: the distilled student
+            path = config.init or str(Path(config.output_dir) / "meanflow.safetensors")
+            teacher_bundle = frozen_model(path, "a student to refine (init)", average_velocity=True)
+            trained = teacher_bundle.transformer
     if config.gradient_checkpointing:
         trained.enable_gradient_checkpointing()
-    select_trainable(trained, config.trainable)
+    if config.stage == "refine" and config.generator_lora_rank > 0:
+        add_lora(trained, config.generator_lora_rank, seed=config.seed)
+    else:
+        select_trainable(trained, config.trainable)
 
     vae, scale, shift = load_vae(config, teacher_bundle)
     vae.eval().requires_grad_(False)
@@ -125,7 +149,18 @@ def build_networks(config: TrainConfig) -> Networks:
     if teacher_bundle is not None and teacher_bundle.prompt_embeds is not None and not config.prompt_embeds:
         prompt = (teacher_bundle.prompt_embeds, teacher_bundle.prompt_pooled)
     null = text(config, config.null_prompt_embeds, c.joint_attention_dim, c.pooled_projection_dim)
-    return Networks(trained, teacher, LatentCodec(vae, scale, shift, tiling=None), prompt, null)
+    refine = refine_networks(config, teacher) if config.stage == "refine" else None
+    return Networks(trained, teacher, LatentCodec(vae, scale, shift, tiling=None), prompt, null, refine)
+
+
+def refine_networks(config: TrainConfig, teacher: torch.nn.Module) -> RefineNets:
+    """The frozen DINOv3 backbone with new heads, and the fake score: a LoRA on a teacher copy."""
+    backbone = load_dinov3(config.dinov3)
+    layers = parse_layers(config.dino_layers, backbone.config.num_hidden_layers)
+    torch.manual_seed(config.seed)
+    heads = DiscriminatorHeads(backbone.config.hidden_size, len(layers), config.disc_width, config.disc_conditioned)
+    fake = add_lora(copy.deepcopy(teacher), config.fake_lora_rank, seed=config.seed)
+    return RefineNets(teacher, fake.train(), backbone, heads.train(), layers)
 
 
 def select_trainable(model: torch.nn.Module, mode: str) -> None:
@@ -175,12 +210,18 @@ def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA) -> tuple[int
 
 
 def stage_steps(config: TrainConfig, value: int) -> int:
-    return value or (1 if config.stage == "meanflow" else 25)
+    return value or (1 if config.stage in ("meanflow", "refine") else 25)
 
 
 def ema_model(nets: Networks, ema: EMA) -> torch.nn.Module:
+    """The EMA weights as a plain transformer (a LoRA generator's adapters merged in)."""
     model = build_transformer(dict(nets.trained.config))
-    ema.copy_to(model)
+    if has_lora(nets.trained):
+        adapted = copy.deepcopy(nets.trained)
+        ema.copy_to(adapted)
+        model.load_state_dict(merged_state_dict(adapted))
+    else:
+        ema.copy_to(model)
     return model.eval().requires_grad_(False)
 
 
@@ -326,6 +367,68 @@ def compute_loss(config: TrainConfig, nets: Networks, model, batch: dict, g: tor
                          r.to(device), t.to(device), lam.to(device), cond)
 
 
+@dataclass
+class Player:
+    """One network with its optimizer and the loss it descends; a step runs every player in turn."""
+
+    name: str
+    model: torch.nn.Module  # as prepared by accelerate
+    optimizer: torch.optim.Optimizer
+    loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+@dataclass
+class Step:
+    batch: dict
+    g: torch.Generator
+
+
+def adamw(model: torch.nn.Module, lr: float, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
+
+
+def prepare_players(config: TrainConfig, nets: Networks, accelerator: Accelerator, loader: DataLoader
+                    ) -> tuple[list[Player], DataLoader, Callable[[dict, torch.Generator], Any]]:
+    """The stage's players (prepared by accelerate, in update order), its loader, and how a
+    micro-batch becomes what the players' losses read."""
+    device = accelerator.device
+    if config.stage != "refine":
+        model, optimizer, loader = accelerator.prepare(nets.trained, adamw(nets.trained, config.learning_rate, config),
+                                                       loader)
+        player = Player("model", model, optimizer,
+                        lambda step: compute_loss(config, nets, model, step.batch, step.g, device))
+        return [player], loader, Step
+    r = nets.refine
+    chosen = [("generator", nets.trained, config.learning_rate)]
+    if config.weight_vsd:
+        chosen.append(("fake_score", r.fake, config.fake_learning_rate))
+    if config.weight_gan:
+        chosen.append(("discriminator", r.heads, config.disc_learning_rate))
+    models = [m for _, m, _ in chosen]
+    prepared = accelerator.prepare(*models, *[adamw(m, lr, config) for _, m, lr in chosen], loader)
+    wrapped, optimizers, loader = prepared[: len(chosen)], prepared[len(chosen): 2 * len(chosen)], prepared[-1]
+    by_name = dict(zip((name for name, _, _ in chosen), wrapped))
+    losses = {
+        "generator": lambda b: generator_loss(config, r, by_name["generator"], nets.codec, b),
+        "fake_score": lambda b: fake_score_loss(config, by_name["fake_score"], b),
+        "discriminator": lambda b: discriminator_step_loss(config, r, by_name["discriminator"], nets.codec, b),
+    }
+    players = [Player(name, model, opt, losses[name]) for (name, _, _), model, opt in zip(chosen, wrapped, optimizers)]
+    return players, loader, lambda batch, g: refine_batch(nets, batch, g, device)
+
+
+def refine_batch(nets: Networks, batch: dict, g: torch.Generator, device: torch.device) -> RefineBatch:
+    x, cond = encode(nets, batch, device)
+    null = Condition(cond.lr_latent, nets.null[0].to(device).expand_as(cond.embeds),
+                     nets.null[1].to(device).expand_as(cond.pooled))
+    return RefineBatch(x, cond, null, batch["hr"].to(device), batch["lr"].to(device), g)
+
+
 def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
@@ -340,10 +443,10 @@ def main(argv: list[str] | None = None) -> Path:
     if nets.teacher is not None:
         nets.teacher.to(device)
 
+    if nets.refine is not None:
+        for frozen in (nets.refine.teacher, nets.refine.backbone):
+            frozen.to(device)
     ema = EMA(nets.trained, config.ema_decay)
-    params = [p for p in nets.trained.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.learning_rate, betas=(0.9, 0.999), eps=1e-8,
-                                  weight_decay=config.weight_decay)
     # the vae stage uses only HR crops: skip the costly degradation
     degradation = "bicubic" if config.stage == "vae" else config.degradation
     dataset = SRPairs(config.train_dir, crop=config.crop, scale=config.scale, degradation=degradation,
@@ -353,7 +456,8 @@ def main(argv: list[str] | None = None) -> Path:
                          f"{accelerator.num_processes} processes; add images or lower batch_size")
     loader = DataLoader(dataset, batch_size=config.batch_size, sampler=EpochSampler(len(dataset), config.seed),
                         num_workers=config.num_workers, drop_last=True)
-    model, optimizer, loader = accelerator.prepare(nets.trained, optimizer, loader)
+    players, loader, begin = prepare_players(config, nets, accelerator, loader)
+    generator = players[0].model  # the network the EMA follows and the stage exports
 
     step = micro = 0
     if config.resume or args.export_only:
@@ -382,21 +486,26 @@ def main(argv: list[str] | None = None) -> Path:
         # push it into the sampler on every pass: set ours on the loader we iterate.
         batches.set_epoch(epoch)
         for batch in batches:
-            with accelerator.accumulate(model):
-                g = step_generator(config, micro, accelerator.process_index)
-                with accelerator.autocast():
-                    loss, parts = compute_loss(config, nets, model, batch, g, device)
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and config.max_grad_norm > 0:
-                    accelerator.clip_grad_norm_(params, config.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
+            with accelerator.accumulate(*(p.model for p in players)):
+                state = begin(batch, step_generator(config, micro, accelerator.process_index))
+                parts = {}
+                for player in players:  # in turn: each sees the networks the earlier ones just updated
+                    with accelerator.autocast():
+                        player_loss, player_parts = player.loss(state)
+                    accelerator.backward(player_loss)
+                    if accelerator.sync_gradients and config.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_(player.params, config.max_grad_norm)
+                    player.optimizer.step()
+                    player.optimizer.zero_grad(set_to_none=True)
+                    parts.update(player_parts)
+                    if player is players[0]:
+                        loss = player_loss
             micro += 1
             logged.append(loss.item())
             if not accelerator.sync_gradients:
                 continue
             step += 1
-            ema.update(accelerator.unwrap_model(model))
+            ema.update(accelerator.unwrap_model(generator))
             if step % config.log_every == 0 or step == config.max_steps:
                 values = {"loss": sum(logged) / len(logged), **parts, "lr": config.learning_rate}
                 accelerator.log({f"train/{k}": v for k, v in values.items()}, step=step)
@@ -414,7 +523,8 @@ def main(argv: list[str] | None = None) -> Path:
                 break
     save_checkpoint(accelerator, out, step, micro, ema, config.keep_checkpoints)
     if os.environ.get("SMFSR_RANK_DIGESTS"):  # diagnostic: each rank's weights, to check DDP kept them in sync
-        (out / f"weights-rank{accelerator.process_index}.sha256").write_text(weights_digest(accelerator.unwrap_model(model)))
+        (out / f"weights-rank{accelerator.process_index}.sha256").write_text(
+            weights_digest(accelerator.unwrap_model(generator)))
     path = None
     if accelerator.is_main_process:
         path = export(config, nets, ema)

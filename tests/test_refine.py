@@ -1,0 +1,274 @@
+"""Trainer II: the refine stage (DINOv3 GAN + VSD) on tiny configs (CPU): who gets which gradient,
+each loss on its own, resume, LoRA generator, export, and the DINOv3 loader's errors."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from smfsr.pipeline import SMFSRUpscaler
+from tests.conftest import photo_like
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = str(REPO / "smfsr_trainer" / "configs" / "tiny.yaml")
+
+
+def reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict[str, Path]:
+    """Photos, a tiny teacher + distilled student (run/flow.safetensors, run/meanflow.safetensors)
+    and a random tiny DINOv3 saved in the transformers layout."""
+    from smfsr_trainer.discriminator import save_random_dinov3
+
+    root = tmp_path_factory.mktemp("refine")
+    photos = root / "photos"
+    photos.mkdir()
+    for i in range(6):
+        Image.fromarray(photo_like(96, 128, seed=i)).save(photos / f"p{i}.png")
+    run = root / "run"
+    train(photos, run, "--stage", "flow", "--max-steps", "10")
+    train(photos, run, "--stage", "meanflow", "--max-steps", "10")
+    return {"photos": photos, "run": run, "dino": save_random_dinov3(root / "dinov3")}
+
+
+def train(photos: Path, out: Path, *args: str) -> Path:
+    from smfsr_trainer.train import main
+
+    reset_accelerate()
+    return main(["--config", TINY, "--train-dir", str(photos), "--output-dir", str(out), *args])
+
+
+def refine_args(setup, *args: str) -> list[str]:
+    run = setup["run"]
+    return ["--stage", "refine", "--dinov3", str(setup["dino"]), "--init", str(run / "meanflow.safetensors"),
+            "--teacher", str(run / "flow.safetensors"), *args]
+
+
+def networks_and_batch(setup, *args: str):
+    from smfsr_trainer.config import load_config
+    from smfsr_trainer.data import SRPairs
+    from smfsr_trainer.train import build_networks
+
+    config, _ = load_config(["--config", TINY, "--train-dir", str(setup["photos"]), *refine_args(setup, *args)])
+    torch.manual_seed(0)
+    nets = build_networks(config)
+    data = SRPairs(str(setup["photos"]), crop=64, scale=4, degradation="bicubic", seed=0)
+    batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("hr", "lr")}
+    return config, nets, batch
+
+
+def fresh(nets, batch, seed: int = 7):
+    """The same micro-batch (same noise and times) every call."""
+    from smfsr_trainer.train import refine_batch
+
+    return refine_batch(nets, batch, torch.Generator().manual_seed(seed), torch.device("cpu"))
+
+
+def grads(module: torch.nn.Module) -> set[str]:
+    return {n for n, p in module.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+
+
+def clear(*modules: torch.nn.Module) -> None:
+    for m in modules:
+        for p in m.parameters():
+            p.grad = None
+
+
+def test_each_network_gets_gradients_only_from_its_own_loss(setup):
+    from smfsr_trainer.stages.refine import discriminator_step_loss, fake_score_loss, generator_loss
+
+    config, nets, batch = networks_and_batch(setup, "--r1-gamma", "1.0")
+    r = nets.refine
+    everyone = (nets.trained, r.fake, r.heads, r.backbone, r.teacher, nets.codec.vae)
+    b = fresh(nets, batch)
+
+    loss, parts = generator_loss(config, r, nets.trained, nets.codec, b)
+    assert {"loss_l2", "loss_gan", "vsd_mismatch"} <= set(parts)
+    loss.backward()
+    assert grads(nets.trained)
+    assert not (grads(r.heads) | grads(r.fake) | grads(r.backbone) | grads(r.teacher) | grads(nets.codec.vae))
+    assert all(p.requires_grad for p in r.heads.parameters())  # unfrozen again after the generator's turn
+    clear(*everyone)
+
+    assert not b.sample.requires_grad  # the fake score trains on detached samples
+    loss, _ = fake_score_loss(config, r.fake, b)
+    loss.backward()
+    trained = grads(r.fake)
+    assert trained and all("lora_" in n for n in trained)  # only the adapters, never the teacher copy
+    assert not (grads(nets.trained) | grads(r.heads) | grads(r.teacher))
+    clear(*everyone)
+
+    loss, parts = discriminator_step_loss(config, r, r.heads, nets.codec, b)
+    assert parts["r1"] >= 0
+    loss.backward()
+    assert grads(r.heads)
+    assert not (grads(nets.trained) | grads(r.fake) | grads(r.backbone) | grads(r.teacher) | grads(nets.codec.vae))
+
+
+def descend(params, loss_fn, steps: int, lr: float) -> list[float]:
+    opt = torch.optim.Adam([p for p in params if p.requires_grad], lr=lr)
+    values = []
+    for _ in range(steps):
+        loss = loss_fn()
+        values.append(loss.item())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return values
+
+
+def test_each_loss_decreases_when_trained_alone_on_a_fixed_batch(setup):
+    from smfsr_trainer.stages.refine import discriminator_step_loss, fake_score_loss, generator_loss
+
+    config, nets, batch = networks_and_batch(setup)
+    r = nets.refine
+    only = {"weight_l2": 0.0, "weight_l1": 0.0, "weight_gan": 0.0, "weight_vsd": 0.0}
+
+    def generator_term(term: str):
+        """The generator's loss with only ``term`` on."""
+        c = type(config)(**{**vars(config), **only, term: 1.0})
+        return lambda: generator_loss(c, r, nets.trained, nets.codec, fresh(nets, batch))[0]
+
+    def with_sample(fn):
+        def run():
+            b = fresh(nets, batch)
+            with torch.no_grad():
+                generator_loss(config, r, nets.trained, nets.codec, b)
+            return fn(b)[0]
+        return run
+
+    d = descend(r.heads.parameters(), with_sample(lambda b: discriminator_step_loss(config, r, r.heads, nets.codec, b)), 6, 1e-3)
+    f = descend(r.fake.parameters(), with_sample(lambda b: fake_score_loss(config, r.fake, b)), 6, 3e-3)
+    state = {k: v.clone() for k, v in nets.trained.state_dict().items()}
+    l2 = descend(nets.trained.parameters(), generator_term("weight_l2"), 6, 1e-3)
+    nets.trained.load_state_dict(state)
+    adv = descend(nets.trained.parameters(), generator_term("weight_gan"), 6, 1e-3)
+    print(f"\ndiscriminator {d[0]:.4f} -> {d[-1]:.4f}, fake score {f[0]:.4f} -> {f[-1]:.4f}, "
+          f"l2 {l2[0]:.4f} -> {l2[-1]:.4f}, adversarial {adv[0]:.4f} -> {adv[-1]:.4f}")
+    for name, values in {"discriminator": d, "fake score": f, "l2": l2, "adversarial": adv}.items():
+        assert values[-1] < values[0], (name, values)
+
+
+def test_a_vsd_step_moves_samples_against_the_score_mismatch(setup):
+    """VSD's value need not fall on a fixed batch while the fake score is frozen (for Gaussian scores
+    x0_fake - x0_real does not depend on x at all); what must hold is that a generator step moves
+    its samples along -(x0_fake - x0_real), the direction that lowers KL(p_fake || p_real)."""
+    from smfsr_trainer.stages import guided, velocity_fn
+    from smfsr_trainer.stages.refine import fake_score_loss, generator_loss, one_step
+    from smfsr_trainer.vsd import vsd_loss
+
+    config, nets, batch = networks_and_batch(setup)
+    r = nets.refine
+    opt = torch.optim.Adam(r.fake.parameters(), lr=3e-3)
+    for _ in range(6):  # the fake score starts equal to the teacher (LoRA B = 0), where VSD is zero
+        b = fresh(nets, batch)
+        with torch.no_grad():
+            generator_loss(config, r, nets.trained, nets.codec, b)
+        loss, _ = fake_score_loss(config, r.fake, b)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    b = fresh(nets, batch)
+    noise = torch.randn(b.x.shape, generator=torch.Generator().manual_seed(1))
+    vsd_noise = torch.randn(b.x.shape, generator=torch.Generator().manual_seed(2))
+    t = torch.full((b.x.shape[0],), 0.5)
+    x_hat = one_step(nets.trained, noise, b.cond)
+    real = guided(velocity_fn(r.teacher), 1.0, None, None)
+    surrogate, mismatch = vsd_loss(x_hat, real, velocity_fn(r.fake), vsd_noise, t, b.cond)
+    assert mismatch.min() > 0
+    (direction,) = torch.autograd.grad(surrogate, x_hat, retain_graph=True)  # (x0_fake - x0_real) / (w n)
+    surrogate.backward()
+    with torch.no_grad():
+        for p in nets.trained.parameters():
+            if p.grad is not None:
+                p -= 1e-2 * p.grad
+        moved = one_step(nets.trained, noise, b.cond) - x_hat.detach()
+    cosine = torch.nn.functional.cosine_similarity(moved.flatten(), -direction.flatten(), dim=0)
+    print(f"\ncosine(sample change, -VSD gradient) = {cosine.item():.3f}")
+    assert cosine > 0.1
+
+
+def test_refine_stage_resumes_exactly_and_exports_a_one_step_upscaler(setup, tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    args = refine_args(setup, "--max-steps", "4", "--checkpoint-every", "2")
+    path = train(setup["photos"], straight, *args)
+    train(setup["photos"], broken, *refine_args(setup, "--max-steps", "2", "--checkpoint-every", "2"))
+    (broken / "refine.safetensors").unlink()
+    train(setup["photos"], broken, *args, "--resume")
+    a, b = load_file(str(straight / "refine.safetensors")), load_file(str(broken / "refine.safetensors"))
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    # the bundle holds only what inference needs: the same tensors as the student it started from
+    student = load_file(str(setup["run"] / "meanflow.safetensors"))
+    assert a.keys() == student.keys()
+    assert any(not torch.equal(a[k], student[k]) for k in a if k.startswith("transformer."))
+    up = SMFSRUpscaler.from_pretrained(path, device="cpu")
+    assert up.transformer.is_average_velocity and up.defaults.steps == 1
+    assert up(Image.open(next(setup["photos"].iterdir()))).size == (512, 384)
+    checkpoint = sorted((straight / "refine").glob("checkpoint-*"))[-1]
+    assert len(list(checkpoint.glob("optimizer*.bin"))) == 3  # generator, fake score, discriminator
+
+
+def test_generator_as_a_lora_trains_only_adapters_and_exports_merged_weights(setup, tmp_path):
+    config, nets, _ = networks_and_batch(setup, "--generator-lora-rank", "4")
+    trainable = [n for n, p in nets.trained.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    path = train(setup["photos"], tmp_path / "lora", *refine_args(setup, "--max-steps", "2",
+                                                                   "--generator-lora-rank", "4", "--weight-gan", "0"))
+    exported = load_file(str(path))
+    student = load_file(str(setup["run"] / "meanflow.safetensors"))
+    assert exported.keys() == student.keys()  # merged: no adapter tensors in the bundle
+    changed = [k for k in exported if not torch.equal(exported[k], student[k])]
+    assert changed and all(k.endswith(".weight") for k in changed)
+    assert not (tmp_path / "lora" / "refine" / "checkpoint-00000002" / "optimizer_2.bin").exists()  # no discriminator
+
+
+def test_dinov3_is_loaded_from_a_local_folder_with_clear_errors(setup, tmp_path):
+    from smfsr_trainer.discriminator import dino_features, load_dinov3, parse_layers, preprocess
+
+    with pytest.raises(SystemExit, match="dinov3 is not set.*--dinov3"):
+        load_dinov3(None)
+    with pytest.raises(SystemExit, match="no config.json.*huggingface-cli download"):
+        load_dinov3(tmp_path / "missing")
+    pickled = tmp_path / "pickled"
+    pickled.mkdir()
+    (pickled / "config.json").write_text((setup["dino"] / "config.json").read_text())
+    (pickled / "pytorch_model.bin").write_bytes(b"\x80\x02not really")
+    with pytest.raises(SystemExit, match="pickled weights are never loaded"):
+        load_dinov3(pickled)
+    backbone = load_dinov3(setup["dino"])
+    assert not any(p.requires_grad for p in backbone.parameters())
+    with pytest.raises(SystemExit, match="1..4"):
+        parse_layers("2,5", backbone.config.num_hidden_layers)
+    x = preprocess(torch.full((1, 3, 48, 80), 0.485), 64, 8)
+    assert x.shape == (1, 3, 64, 104) and x[:, 0].abs().max() < 1e-5  # short side 64, sides x8, normalised
+    features = dino_features(backbone, torch.rand(2, 3, 48, 80), [2, 4], 64)
+    assert [f.shape for f in features] == [(2, 32, 8, 13)] * 2
+
+
+def test_refine_needs_a_distilled_student_and_a_flow_teacher(setup, tmp_path):
+    from smfsr_trainer.config import load_config
+    from smfsr_trainer.train import build_networks
+
+    run = setup["run"]
+    swapped = ["--config", TINY, "--train-dir", str(setup["photos"]), "--stage", "refine", "--dinov3",
+               str(setup["dino"]), "--init", str(run / "flow.safetensors"), "--teacher", str(run / "flow.safetensors")]
+    with pytest.raises(SystemExit, match="not a mean-flow"):
+        build_networks(load_config(swapped)[0])
+    missing = ["--config", TINY, "--train-dir", str(setup["photos"]), "--stage", "refine", "--output-dir",
+               str(tmp_path)]
+    with pytest.raises(SystemExit, match="flow.safetensors does not exist"):
+        build_networks(load_config(missing)[0])
+    assert os.path.exists(run / "meanflow.safetensors")
