@@ -1,7 +1,10 @@
-"""Distillation on images (issue 4): PSNR/SSIM of the ISC student at 1 step vs its flow teacher at
-1 and 25 steps, on held-out photos, for a run of the trainer (vae -> flow -> meanflow).
+"""Distillation and refinement on images: PSNR/SSIM/sharpness of the ISC student at 1 step vs its
+flow teacher at 1 and 25 steps, and of the refined student when the run has one, on held-out
+photos, for a run of the trainer (vae -> flow -> meanflow [-> refine]).
 
-    python -m bench.distill_images RUN_DIR VAL_DIR [--crop 256]
+    python -m bench.distill_images RUN_DIR VAL_DIR [--crop 256] [--also LABEL=BUNDLE ...]
+
+``--also`` adds other one-step bundles as rows (e.g. a control run that continued with L2 only).
 
 Not part of the default ``python -m bench`` run: it needs a trained run (see
 smfsr_trainer/recipes/default/README.md). Results append to bench/RESULTS.md.
@@ -23,7 +26,7 @@ def sharpness(x: torch.Tensor) -> torch.Tensor:
     return dx.abs().mean((1, 2, 3)) + dy.abs().mean((1, 2, 3))
 
 
-def evaluate(run: Path, val_dir: Path, crop: int, degradation: str) -> Table:
+def evaluate(run: Path, val_dir: Path, crop: int, degradation: str, also: dict[str, Path] | None = None) -> Table:
     from kornia.metrics import psnr, ssim
 
     from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions, resize
@@ -52,6 +55,13 @@ def evaluate(run: Path, val_dir: Path, crop: int, degradation: str) -> Table:
         row("flow teacher (Euler)", steps, teacher(lr, UpscaleOptions(steps=steps), seeds=seeds))
     for steps in (1, 2):
         row("SMFSR student (ISC)", steps, student(lr, UpscaleOptions(steps=steps), seeds=seeds))
+    extra = dict(also or {})
+    if (run / "refine.safetensors").exists():
+        extra = {"SMFSR refined (GAN + VSD)": run / "refine.safetensors", **extra}
+    for label, path in extra.items():
+        up = SMFSRUpscaler.from_pretrained(path, device="cpu", dtype="fp32")
+        up.codec.tiling = None
+        row(label, 1, up(lr, UpscaleOptions(steps=1), seeds=seeds))
     table.notes.append("Colour fix AdaIN (the default); seeds 0..N-1; all models trained by the SMFSR trainer on the "
                        "training photos only.")
     return table
@@ -63,9 +73,17 @@ def main() -> None:
     parser.add_argument("val_dir", type=Path)
     parser.add_argument("--crop", type=int, default=256)
     parser.add_argument("--degradation", choices=["bicubic", "realesrgan"], default="bicubic")
+    parser.add_argument("--also", action="append", default=[], metavar="LABEL=BUNDLE",
+                        help="another one-step bundle to add as a row")
     parser.add_argument("--no-write", action="store_true")
     args = parser.parse_args()
-    report([evaluate(args.run, args.val_dir, args.crop, args.degradation)], write=not args.no_write)
+    also = {}
+    for item in args.also:
+        label, sep, path = item.partition("=")
+        if not sep:
+            parser.error(f"--also expects LABEL=BUNDLE, got {item!r}")
+        also[label] = Path(path)
+    report([evaluate(args.run, args.val_dir, args.crop, args.degradation, also)], write=not args.no_write)
 
 
 if __name__ == "__main__":
