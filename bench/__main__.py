@@ -6,10 +6,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from .harness import report
+from .harness import Table, report
 
 COMPARISONS = {
     "steps": "bench.steps",  # one SMFSR step vs a 40-step teacher
@@ -28,10 +29,15 @@ def main() -> None:
     args = parser.parse_args()
     mode = "quick" if args.quick else "full" if args.full else "default"
     tables = []
+    walls = Table(f"Harness wall time ({mode} mode)", ["comparison", "minutes"])
+    started = time.perf_counter()
     for name in args.only or COMPARISONS:
+        start = time.perf_counter()
         result = importlib.import_module(COMPARISONS[name]).run(mode)
         tables += result if isinstance(result, list) else [result]
-    report(tables, write=not args.no_write)
+        walls.add(name, f"{(time.perf_counter() - start) / 60:.1f}")
+    walls.add("total", f"{(time.perf_counter() - started) / 60:.1f}")
+    report(tables + [walls], write=not args.no_write)
 
 
 if __name__ == "__main__":

@@ -17,13 +17,8 @@ from pathlib import Path
 
 import torch
 
+from .eval_model import sharpness
 from .harness import Table, report
-
-
-def sharpness(x: torch.Tensor) -> torch.Tensor:
-    """Mean gradient magnitude per image (a no-reference sharpness measure)."""
-    dx, dy = x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
-    return dx.abs().mean((1, 2, 3)) + dy.abs().mean((1, 2, 3))
 
 
 def evaluate(run: Path, val_dir: Path, crop: int, degradation: str, also: dict[str, Path] | None = None) -> Table:

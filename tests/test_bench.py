@@ -36,3 +36,22 @@ def test_gpu_check_passes_its_dry_run(tmp_path):
     runs = json.loads((tmp_path / "results.json").read_text())["runs"]
     assert len(runs) == 6 and all(r["seconds"] > 0 for r in runs)
     assert "teacher 40 steps" in (tmp_path / "results.md").read_text()
+
+
+def test_model_evaluation_scores_bicubic_and_the_model_and_measures_the_seed_spread(tiny_bundle_path, tmp_path):
+    from PIL import Image
+
+    from bench.eval_model import evaluate
+    from tests.conftest import photo_like
+
+    for i in range(3):
+        Image.fromarray(photo_like(80, 96, seed=i)).save(tmp_path / f"v{i}.png")
+    quality, spread = evaluate(str(tiny_bundle_path), tmp_path, crop=64, seeds=2)
+    assert [r[:2] for r in quality.rows] == [["bicubic", "bicubic"], ["bicubic", "SMFSR (1 step)"],
+                                             ["realesrgan", "bicubic"], ["realesrgan", "SMFSR (1 step)"]]
+    bicubic_psnr = float(quality.rows[0][2])
+    assert 20 < bicubic_psnr < 60  # smooth images: bicubic does well
+    assert quality.rows[1][-1] in ("yes", "NO") and quality.rows[0][-1] == ""
+    values = dict(spread.rows)
+    assert float(values["same seed twice: max |difference|"]) == 0.0  # same seed, same image
+    assert float(values["different seeds: mean per-pixel std over seeds"]) > 0  # the noise start matters

@@ -272,3 +272,17 @@ def test_refine_needs_a_distilled_student_and_a_flow_teacher(setup, tmp_path):
     with pytest.raises(SystemExit, match="flow.safetensors does not exist"):
         build_networks(load_config(missing)[0])
     assert os.path.exists(run / "meanflow.safetensors")
+
+
+def test_gan_losses_and_r1_have_their_textbook_values():
+    import math
+
+    from smfsr_trainer.discriminator import discriminator_loss, generator_adversarial_loss, r1_penalty
+
+    sure = [torch.full((2, 1, 3, 3), 2.0)], [torch.full((2, 1, 3, 3), -2.0)]  # D right with margin
+    assert discriminator_loss(*sure, "hinge").item() == 0.0
+    assert math.isclose(discriminator_loss(*sure, "nonsaturating").item(), 2 * math.log1p(math.exp(-2)), rel_tol=1e-6)
+    assert generator_adversarial_loss(sure[1], "hinge").item() == 2.0
+    assert math.isclose(generator_adversarial_loss(sure[1], "nonsaturating").item(), math.log1p(math.exp(2)), rel_tol=1e-6)
+    x = torch.randn(3, 3, 4, 4, requires_grad=True)
+    assert math.isclose(r1_penalty([(2.0 * x).sum((1, 2, 3), keepdim=True)], x).item(), 4.0 * 48, rel_tol=1e-6)
