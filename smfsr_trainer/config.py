@@ -100,6 +100,8 @@ class TrainConfig:
             raise SystemExit(f"config: stage must be 'vae', 'flow', 'meanflow' or 'refine', not {self.stage!r}")
         if self.gan_loss not in ("hinge", "nonsaturating"):
             raise SystemExit(f"config: gan_loss must be 'hinge' or 'nonsaturating', not {self.gan_loss!r}")
+        if self.stage == "refine" and self.weight_vsd and self.fake_lora_rank < 1:
+            raise SystemExit("config: VSD needs a fake score: set fake_lora_rank >= 1 (or weight_vsd 0)")
         if not 0 <= self.vsd_t_min < self.vsd_t_max <= 1:
             raise SystemExit("config: need 0 <= vsd_t_min < vsd_t_max <= 1")
         if self.trainable not in ("all", "control"):
