@@ -17,27 +17,21 @@ from pathlib import Path
 
 import torch
 
-from .eval_model import sharpness
+from .eval_model import held_out, score
 from .harness import Table, report
 
 
 def evaluate(run: Path, val_dir: Path, crop: int, degradation: str, also: dict[str, Path] | None = None) -> Table:
-    from kornia.metrics import psnr, ssim
-
     from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions, resize
-    from smfsr_trainer.data import SRPairs
 
-    data = SRPairs(str(val_dir), crop=crop, scale=4, degradation=degradation, seed=1234, train=False)
-    hr = torch.stack([data[i]["hr"] for i in range(len(data))])
-    lr = torch.stack([data[i]["lr"] for i in range(len(data))])
+    hr, lr = held_out(val_dir, crop, degradation)
     seeds = list(range(len(lr)))
     table = Table(f"Distillation on {len(hr)} held-out photos ({crop} px centre crops, x4, {degradation} LR), run {run}",
                   ["method", "steps", "PSNR (dB)", "SSIM", "sharpness / ground truth"])
-    gt_sharp = sharpness(hr)
 
     def row(name: str, steps: int | str, sr: torch.Tensor) -> None:
-        table.add(name, str(steps), f"{psnr(sr, hr, 1.0).mean().item():.2f}", f"{ssim(sr, hr, 11).mean().item():.4f}",
-                  f"{(sharpness(sr) / gt_sharp).mean().item():.3f}")
+        s = score(sr, hr)
+        table.add(name, str(steps), f"{s.psnr:.2f}", f"{s.ssim:.4f}", f"{s.sharpness_ratio:.3f}")
 
     row("bicubic", "-", resize(lr, *hr.shape[-2:]))
     teacher = SMFSRUpscaler.from_pretrained(run / "flow.safetensors", device="cpu", dtype="fp32")

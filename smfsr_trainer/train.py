@@ -97,7 +97,7 @@ def text(config: TrainConfig, path: str | None, joint: int, pooled: int) -> tupl
     return torch.zeros(1, 1, joint), torch.zeros(1, pooled)  # a "null" prompt for caption-free training
 
 
-def frozen_model(path: str, what: str, *, average_velocity: bool) -> Bundle:
+def load_bundle_of_kind(path: str, what: str, *, average_velocity: bool) -> Bundle:
     """A bundle whose transformer is (``average_velocity``) a mean-flow student or a flow teacher."""
     if not Path(path).exists():
         raise SystemExit(f"stage needs {what}: {path} does not exist (run the stage that exports it, or set it)")
@@ -127,13 +127,13 @@ def build_networks(config: TrainConfig) -> Networks:
         teacher = None
     else:
         path = config.teacher or str(Path(config.output_dir) / "flow.safetensors")
-        teacher_bundle = frozen_model(path, "a teacher", average_velocity=False)
+        teacher_bundle = load_bundle_of_kind(path, "a teacher", average_velocity=False)
         teacher = teacher_bundle.transformer.eval().requires_grad_(False)
         if config.stage == "meanflow":
             trained = student_from_teacher(teacher)
         else:  # refine: the distilled student
             path = config.init or str(Path(config.output_dir) / "meanflow.safetensors")
-            teacher_bundle = frozen_model(path, "a student to refine (init)", average_velocity=True)
+            teacher_bundle = load_bundle_of_kind(path, "a student to refine (init)", average_velocity=True)
             trained = teacher_bundle.transformer
     if config.gradient_checkpointing:
         trained.enable_gradient_checkpointing()

@@ -77,3 +77,23 @@ def sample_png(tmp_path) -> Path:
     path = tmp_path / "input.png"
     Image.fromarray(photo_like(24, 32)).save(path)
     return path
+
+
+TINY_TRAIN_CONFIG = str(Path(__file__).resolve().parents[1] / "smfsr_trainer" / "configs" / "tiny.yaml")
+
+
+def reset_accelerate() -> None:
+    """accelerate keeps process-wide singletons; tests that run several trainings reset them."""
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def train(photos: Path, out: Path, *args: str) -> Path:
+    """One in-process trainer run on the tiny config; returns what it exported."""
+    from smfsr_trainer.train import main
+
+    reset_accelerate()
+    return main(["--config", TINY_TRAIN_CONFIG, "--train-dir", str(photos), "--output-dir", str(out), *args])

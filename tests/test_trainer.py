@@ -16,10 +16,10 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
-from tests.conftest import photo_like
+from tests.conftest import TINY_TRAIN_CONFIG, photo_like, train
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = str(REPO / "smfsr_trainer" / "configs" / "tiny.yaml")
+TINY = TINY_TRAIN_CONFIG
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +28,6 @@ def photos(tmp_path_factory) -> Path:
     for i in range(6):
         Image.fromarray(photo_like(96, 128, seed=i)).save(folder / f"p{i}.png")
     return folder
-
-
-def reset_accelerate() -> None:
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
-def train(photos: Path, out: Path, *args: str) -> Path:
-    from smfsr_trainer.train import main
-
-    reset_accelerate()
-    return main(["--config", TINY, "--train-dir", str(photos), "--output-dir", str(out), *args])
 
 
 @pytest.fixture(scope="module")

@@ -71,10 +71,6 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return module.module if hasattr(module, "module") else module
-
-
 def one_step(generator: torch.nn.Module, noise: torch.Tensor, cond: Condition) -> torch.Tensor:
     """x_hat = z_0 = z_1 - (1 - 0) u(z_1, r=0, t=1): the SMFSR sampler with one step, differentiable."""
     n = noise.shape[0]
@@ -106,7 +102,7 @@ def generator_loss(config, nets: RefineNets, generator: torch.nn.Module, codec, 
     if config.weight_gan:
         image = codec.decode(x_hat, grad=True)
         b.image = image.detach()
-        with frozen(unwrap(nets.heads)) as heads:
+        with frozen(nets.heads) as heads:
             adv = generator_adversarial_loss(discriminate(nets, heads, image, b.lr, config), config.gan_loss)
         loss = loss + config.weight_gan * adv
         logs["loss_gan"] = adv.item()
@@ -114,7 +110,7 @@ def generator_loss(config, nets: RefineNets, generator: torch.nn.Module, codec, 
         t = vsd_times(len(b.cond), config.vsd_t_min, config.vsd_t_max, b.g).to(b.x)
         vsd_noise = torch.randn(b.x.shape, generator=b.g).to(b.x)
         real = guided(velocity_fn(nets.teacher), config.vsd_cfg, b.null.embeds[:1], b.null.pooled[:1])
-        surrogate, mismatch = vsd_loss(x_hat, real, velocity_fn(unwrap(nets.fake)), vsd_noise, t, b.cond)
+        surrogate, mismatch = vsd_loss(x_hat, real, velocity_fn(nets.fake), vsd_noise, t, b.cond)
         loss = loss + config.weight_vsd * surrogate
         logs["vsd_mismatch"] = mismatch.mean().item()
     logs["loss_generator"] = loss.item()
