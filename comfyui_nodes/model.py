@@ -100,7 +100,7 @@ def load(name: str, dtype: str) -> SMFSRModel:
     bundle = to_device(bundle, mm.unet_offload_device(), parse_dtype(dtype, device))
     patchers = [comfy.model_patcher.ModelPatcher(Managed(bundle.transformer), load_device=device,
                                                  offload_device=mm.unet_offload_device())]
-    if bundle.vae is not None:
+    if bundle.vae is not None and any(True for _ in bundle.vae.parameters()):  # not the lossless codec
         patchers.append(comfy.model_patcher.ModelPatcher(Managed(bundle.vae), load_device=device,
                                                          offload_device=mm.vae_offload_device()))
     return SMFSRModel(bundle, patchers, name)

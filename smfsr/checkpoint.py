@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .errors import CheckpointError
+from .models.space_to_depth import SpaceToDepthVAE, is_space_to_depth
 from .models.transformer import SMFSRTransformer
 
 FORMAT_VERSION = 1
@@ -70,7 +71,7 @@ class Bundle:
     """A loaded model: the networks plus what is needed to run them."""
 
     transformer: SMFSRTransformer
-    vae: AutoencoderKL | None = None
+    vae: AutoencoderKL | SpaceToDepthVAE | None = None
     prompt_embeds: torch.Tensor | None = None
     prompt_pooled: torch.Tensor | None = None
     defaults: PipelineDefaults = field(default_factory=PipelineDefaults)
@@ -202,7 +203,10 @@ def build_transformer(config: dict[str, Any], path: Path | str = "<config>") -> 
     return _build(SMFSRTransformer, config, "transformer", path)
 
 
-def build_vae(config: dict[str, Any], path: Path | str = "<config>") -> AutoencoderKL:
+def build_vae(config: dict[str, Any], path: Path | str = "<config>") -> AutoencoderKL | SpaceToDepthVAE:
+    """A diffusers ``AutoencoderKL``, or the parameter-free space-to-depth codec its config names."""
+    if is_space_to_depth(config):
+        return _build(SpaceToDepthVAE, {k: v for k, v in config.items() if k != "latent_channels"}, "VAE", path)
     return _build(AutoencoderKL, config, "VAE", path)
 
 
@@ -332,7 +336,7 @@ def load_bundle(
     def make_transformer() -> SMFSRTransformer:
         return build_transformer(t_config, path)
 
-    def make_vae() -> AutoencoderKL:
+    def make_vae() -> AutoencoderKL | SpaceToDepthVAE:
         return build_vae(v_config, path)
 
     expected = {f"transformer.{k}": s for k, s in expected_shapes(make_transformer).items()}
@@ -599,7 +603,9 @@ def _describe_parts(t_config: dict, defaults: PipelineDefaults, v_config: dict |
         f"  behaviour:   time scale {t_config.get('time_scale')}, LR-key quirk {t_config.get('lr_key_quirk')}, "
         f"control scale {t_config.get('control_scale')}",
     ]
-    if v_config is not None:
+    if is_space_to_depth(v_config):
+        lines.append(f"  vae:         lossless space-to-depth x{v_config['factor']}, {v_config['latent_channels']} channels, no parameters")
+    elif v_config is not None:
         factor = 2 ** (len(v_config["block_out_channels"]) - 1)
         lines.append(f"  vae:         AutoencoderKL x{factor}, {v_config['latent_channels']} channels, {count('vae.') / 1e6:.1f} M parameters")
     else:

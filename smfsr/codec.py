@@ -8,6 +8,7 @@ latent, so the result is reproducible and independent of tiling.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -42,20 +43,25 @@ class LatentCodec:
     tiling: VAETiling | None = None  # None: never tile; otherwise tile above its threshold
 
     @property
+    def lossless(self) -> bool:
+        return bool(getattr(self.vae, "lossless", False))  # the space-to-depth codec
+
+    @property
     def downscale(self) -> int:
+        if self.lossless:
+            return self.vae.factor
         return 2 ** sum(1 for step in decoder_steps(self.vae) if step.scale == 2.0)
 
     @property
     def latent_channels(self) -> int:
+        if self.lossless:
+            return self.vae.latent_channels
         return int(decoder_steps(self.vae)[0].in_channels)
 
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.vae.parameters()).dtype
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.vae.parameters()).device
+    def _to_vae(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` on the VAE's device and dtype (a VAE without tensors runs wherever ``x`` is)."""
+        reference = next(itertools.chain(self.vae.parameters(), self.vae.buffers()), None)
+        return x if reference is None else x.to(reference.device, reference.dtype)
 
     def normalize(self, z_vae: torch.Tensor) -> torch.Tensor:
         return (z_vae - self.shift_factor) * self.scaling_factor
@@ -64,11 +70,12 @@ class LatentCodec:
         return z / self.scaling_factor + self.shift_factor
 
     def _tiled(self, pixels: int) -> bool:
-        return self.tiling is not None and pixels > self.tiling.threshold_pixels
+        # A pointwise codec needs no tiles: its memory is the image's own.
+        return self.tiling is not None and not self.lossless and pixels > self.tiling.threshold_pixels
 
     def moments(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior mean and log-variance (raw VAE space) of images (B, 3, H, W) in [0, 1]."""
-        x = (image * 2 - 1).to(self.device, self.dtype)
+        x = self._to_vae(image * 2 - 1)
         if self._tiled(x.shape[-2] * x.shape[-1]):
             moments = tiled_encode_moments(self.vae, x, self.tiling)
         else:
@@ -91,7 +98,7 @@ class LatentCodec:
     def decode(self, latent: torch.Tensor, *, grad: bool = False) -> torch.Tensor:
         """Images in [0, 1] from normalised latents; ``grad=True`` keeps the graph (training the
         generator through a frozen decoder; never tiled)."""
-        z = self.denormalize(latent).to(self.device, self.dtype)
+        z = self._to_vae(self.denormalize(latent))
         if not grad and self._tiled(z.shape[-2] * z.shape[-1] * self.downscale**2):
             x = tiled_decode(self.vae, z, self.tiling)
         else:

@@ -22,7 +22,7 @@ class TrainConfig:
     init: str | None = None  # flow: start from this bundle/official folder; refine: the student (default: <output_dir>/meanflow.safetensors)
     teacher: str | None = None  # meanflow, refine: the frozen teacher (default: <output_dir>/flow.safetensors)
     vae: str | None = None  # bundle with a VAE, or a diffusers VAE folder/file
-    vae_preset: str | None = None  # a random VAE from a preset (tests only)
+    vae_preset: str | None = None  # a VAE preset: a fixed codec (space-to-depth-x4) or a random VAE (tests)
     trainable: str = "all"  # all | control (only *_control layers: fine-tuning a pretrained SD3.5 DiT)
     gradient_checkpointing: bool = False
     prompt_embeds: str | None = None  # .safetensors with 'embeds'/'pooled'; None: a zero "null" prompt
@@ -34,7 +34,7 @@ class TrainConfig:
     val_dir: str | None = None  # held-out HR images for validation
     crop: int = 64  # HR crop size (px)
     scale: int = 4
-    degradation: str = "realesrgan"  # realesrgan | bicubic
+    degradation: str = "realesrgan"  # realesrgan | bicubic | mixed (each crop: bicubic or realesrgan, 50/50)
     cache_latents: bool = False  # encode a fixed set of crops once (no on-the-fly augmentation)
     cache_size: int = 256
     num_workers: int = 0
@@ -106,8 +106,8 @@ class TrainConfig:
             raise SystemExit("config: need 0 <= vsd_t_min < vsd_t_max <= 1")
         if self.trainable not in ("all", "control"):
             raise SystemExit(f"config: trainable must be 'all' or 'control', not {self.trainable!r}")
-        if self.degradation not in ("realesrgan", "bicubic"):
-            raise SystemExit(f"config: degradation must be 'realesrgan' or 'bicubic', not {self.degradation!r}")
+        if self.degradation not in ("realesrgan", "bicubic", "mixed"):
+            raise SystemExit(f"config: degradation must be 'realesrgan', 'bicubic' or 'mixed', not {self.degradation!r}")
         if self.crop % (8 * self.scale):
             raise SystemExit(f"config: crop ({self.crop}) must be a multiple of 8 x scale ({8 * self.scale})")
         if not self.train_dir and not self.cache_latents:

@@ -93,7 +93,10 @@ class SRPairs(Dataset):
             if self.lr_dir is not None:
                 lr = lr.flip(-1)
         if self.lr_dir is None:
-            if self.degradation == "bicubic":
+            # "mixed": half the crops clean (bicubic), so one model serves both evaluation settings
+            clean = self.degradation == "bicubic" or (
+                self.degradation == "mixed" and bool(torch.rand((), generator=g) < 0.5))
+            if clean:
                 lr = bicubic_degrade(hr[None], self.scale)[0]
             else:
                 lr = degrade(hr[None], self.scale, generator=g)[0]

@@ -113,6 +113,9 @@ def build_networks(config: TrainConfig) -> Networks:
     if config.stage == "vae":
         torch.manual_seed(config.seed)
         vae = import_vae(config.init) if config.init else build_vae(vae_config(config.vae_preset or "small"))
+        if getattr(vae, "lossless", False):
+            raise SystemExit(f"vae_preset {config.vae_preset!r} is a fixed lossless codec: there is no VAE to train. "
+                             "Skip stage vae and set vae_preset in the flow stage instead.")
         empty = (torch.zeros(0), torch.zeros(0))
         return Networks(vae.train(), None, None, empty, empty)
     if config.stage == "flow":
@@ -154,13 +157,18 @@ def build_networks(config: TrainConfig) -> Networks:
 
 
 def refine_networks(config: TrainConfig, teacher: torch.nn.Module) -> RefineNets:
-    """The frozen DINOv3 backbone with new heads, and the fake score: a LoRA on a teacher copy."""
-    backbone = load_dinov3(config.dinov3)
-    layers = parse_layers(config.dino_layers, backbone.config.num_hidden_layers)
-    torch.manual_seed(config.seed)
-    heads = DiscriminatorHeads(backbone.config.hidden_size, len(layers), config.disc_width, config.disc_conditioned)
-    fake = add_lora(copy.deepcopy(teacher), config.fake_lora_rank, seed=config.seed)
-    return RefineNets(teacher, fake.train(), backbone, heads.train(), layers)
+    """The frozen DINOv3 backbone with new heads (when the GAN term is on), and the fake score: a
+    LoRA on a teacher copy (when the VSD term is on)."""
+    backbone = heads = None
+    layers: list[int] = []
+    if config.weight_gan:
+        backbone = load_dinov3(config.dinov3)
+        layers = parse_layers(config.dino_layers, backbone.config.num_hidden_layers)
+        torch.manual_seed(config.seed)
+        heads = DiscriminatorHeads(backbone.config.hidden_size, len(layers), config.disc_width,
+                                   config.disc_conditioned).train()
+    fake = add_lora(copy.deepcopy(teacher), config.fake_lora_rank, seed=config.seed).train() if config.weight_vsd else None
+    return RefineNets(teacher, fake, backbone, heads, layers)
 
 
 def select_trainable(model: torch.nn.Module, mode: str) -> None:
@@ -444,7 +452,7 @@ def main(argv: list[str] | None = None) -> Path:
         nets.teacher.to(device)
 
     if nets.refine is not None:
-        for frozen in (nets.refine.teacher, nets.refine.backbone):
+        for frozen in (m for m in (nets.refine.teacher, nets.refine.backbone) if m is not None):
             frozen.to(device)
     ema = EMA(nets.trained, config.ema_decay)
     # the vae stage uses only HR crops: skip the costly degradation

@@ -35,6 +35,11 @@ SMALL = dict(  # pairs with the "small" VAE (8 latent channels, x4)
     dual_attention_layers=(0, 1, 2), qk_norm="rms_norm",
 )
 
+# The default model: the small network on the lossless x4 space-to-depth codec (48 channels; patch 4,
+# so a token is 16x16 px like SD3.5 at x8 + patch 2), with
+# the velocity measured from the LR latent (an untrained net is bicubic; see SMFSRTransformer).
+SMALL_X4 = {**SMALL, "patch_size": 4, "in_channels": 48, "out_channels": 48, "lr_residual": True}
+
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "sd35-medium": {**SD35_MEDIUM, **OFFICIAL_BEHAVIOUR, "interval_embedding": True, "time_scale": 1.0},
     "dit4sr-sd35-medium": {**SD35_MEDIUM, **OFFICIAL_BEHAVIOUR, "interval_embedding": False, "time_scale": 1000.0},
@@ -43,10 +48,13 @@ TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-official": {**TINY, **OFFICIAL_BEHAVIOUR, "interval_embedding": True, "time_scale": 1.0},
     "small": {**SMALL, **OUR_BEHAVIOUR, "interval_embedding": True, "time_scale": 1000.0},
     "small-teacher": {**SMALL, **OUR_BEHAVIOUR, "interval_embedding": False, "time_scale": 1000.0},
+    "small-x4": {**SMALL_X4, **OUR_BEHAVIOUR, "interval_embedding": True, "time_scale": 1000.0},
+    "small-x4-teacher": {**SMALL_X4, **OUR_BEHAVIOUR, "interval_embedding": False, "time_scale": 1000.0},
 }
 
 # The teacher preset a student preset is distilled from.
-TEACHER_OF = {"sd35-medium": "dit4sr-sd35-medium", "tiny": "tiny-teacher", "small": "small-teacher"}
+TEACHER_OF = {"sd35-medium": "dit4sr-sd35-medium", "tiny": "tiny-teacher", "small": "small-teacher",
+              "small-x4": "small-x4-teacher"}
 
 # SD3.5's VAE (method.md 2.1): 16 latent channels, x8, scale 1.5305, shift 0.0609.
 SD35_VAE = dict(
@@ -69,7 +77,11 @@ SMALL_VAE = dict(
     down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
     scaling_factor=1.0, shift_factor=0.0, use_quant_conv=False, use_post_quant_conv=False,
 )
-VAE_PRESETS: dict[str, dict[str, Any]] = {"sd35": SD35_VAE, "tiny": TINY_VAE, "small": SMALL_VAE}
+# The lossless x4 codec of the default model (smfsr/models/space_to_depth.py). Pixels in [-1, 1]
+# of photos have a std near 0.5; the scale 2 brings latents to about unit variance, like noise.
+SPACE_TO_DEPTH_X4 = dict(codec="space_to_depth", factor=4, scaling_factor=2.0, shift_factor=0.0, latent_channels=48)
+VAE_PRESETS: dict[str, dict[str, Any]] = {"sd35": SD35_VAE, "tiny": TINY_VAE, "small": SMALL_VAE,
+                                          "space-to-depth-x4": SPACE_TO_DEPTH_X4}
 
 
 def transformer_config(preset: str, **overrides: Any) -> dict[str, Any]:

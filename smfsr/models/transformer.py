@@ -48,7 +48,10 @@ class SMFSRTransformer(ModelMixin, ConfigMixin):
     """u(z_t, r, t) or v(z_t, t), conditioned on an LR latent of the same size and on text.
 
     The first thirteen config keys are the official ``config.json`` keys (method.md 5.1); the rest
-    are ours and say which behaviour of the official code the weights expect.
+    are ours and say which behaviour of the official code the weights expect. ``lr_residual``
+    (ours, off for the official weights) measures the velocity from the LR latent, for small
+    models trained from scratch with a lossless codec, where the LR latent is already the bicubic
+    image and the identity is the hard part to learn.
     """
 
     _supports_gradient_checkpointing = True
@@ -75,6 +78,7 @@ class SMFSRTransformer(ModelMixin, ConfigMixin):
         lr_key_quirk: bool = True,
         control_scale: float = 1.2,
         official_dead_modules: bool = True,
+        lr_residual: bool = False,
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
@@ -105,6 +109,11 @@ class SMFSRTransformer(ModelMixin, ConfigMixin):
         )
         self.norm_out = AdaLayerNormContinuous(dim, dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, patch_size * patch_size * out_channels)
+        if lr_residual:
+            if in_channels != out_channels:
+                raise ValueError("lr_residual needs in_channels == out_channels (the LR latent is added back)")
+            nn.init.zeros_(self.proj_out.weight)  # an untrained network is then exactly the LR baseline
+            nn.init.zeros_(self.proj_out.bias)
         self.gradient_checkpointing = False
 
     @property
@@ -151,4 +160,9 @@ class SMFSRTransformer(ModelMixin, ConfigMixin):
         hidden = hidden[:, : grid[0] * grid[1]]  # the LR half is discarded after the last block
         hidden = self.proj_out(self.norm_out(hidden, temb))
         hidden = hidden.reshape(batch, *grid, p, p, self.config.out_channels)
-        return torch.einsum("nhwpqc->nchpwq", hidden).reshape(batch, -1, height, width)
+        velocity = torch.einsum("nhwpqc->nchpwq", hidden).reshape(batch, -1, height, width)
+        if self.config.lr_residual:
+            # u = net + (z_t - z_LR): the one step x = z_1 - u(z_1, 0, 1) becomes z_LR - net, so the
+            # network learns the HR detail the LR latent lacks instead of re-learning the identity.
+            velocity = velocity + (hidden_states - lr_latent).to(velocity.dtype)
+        return velocity

@@ -37,9 +37,9 @@ class RefineNets:
     """What the refine stage adds to the generator: ``fake`` and ``heads`` train, the rest is frozen."""
 
     teacher: torch.nn.Module  # real score
-    fake: torch.nn.Module  # fake score: a LoRA copy of the teacher
-    backbone: torch.nn.Module  # DINOv3
-    heads: torch.nn.Module  # DiscriminatorHeads
+    fake: torch.nn.Module | None  # fake score: a LoRA copy of the teacher (None: VSD off)
+    backbone: torch.nn.Module | None  # DINOv3 (None: GAN off)
+    heads: torch.nn.Module | None  # DiscriminatorHeads (None: GAN off)
     layers: list[int]
 
 
