@@ -92,7 +92,7 @@ def seed_spread(up, lr: torch.Tensor, hr: torch.Tensor, seeds: int) -> Table:
     busy = detail > detail.flatten(1).median(1).values.view(-1, 1, 1, 1)
     between = [psnr(runs[i], runs[j], 1.0).mean().item() for i in range(seeds) for j in range(i + 1, seeds)]
     table = Table(f"Seeds: {seeds} seeds on the Real-ESRGAN-degraded photos", ["measure", "value"])
-    table.add("same seed twice: max |difference|", f"{(again - runs[0]).abs().max().item():.2e}")
+    table.add("same seed twice: max abs difference", f"{(again - runs[0]).abs().max().item():.2e}")
     table.add("different seeds: mean per-pixel std over seeds", f"{std.mean().item():.4f}")
     table.add("  in detailed regions / in flat regions", f"{std[busy].mean().item():.4f} / {std[~busy].mean().item():.4f}")
     table.add("different seeds: PSNR between two seeds' outputs (dB)", f"{min(between):.2f} - {max(between):.2f}")

@@ -39,6 +39,7 @@ SMALL = dict(  # pairs with the "small" VAE (8 latent channels, x4)
 # so a token is 16x16 px like SD3.5 at x8 + patch 2), with
 # the velocity measured from the LR latent (an untrained net is bicubic; see SMFSRTransformer).
 SMALL_X4 = {**SMALL, "patch_size": 4, "in_channels": 48, "out_channels": 48, "lr_residual": True}
+TINY_X4 = {**TINY, "in_channels": 48, "out_channels": 48, "lr_residual": True}  # its test double
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "sd35-medium": {**SD35_MEDIUM, **OFFICIAL_BEHAVIOUR, "interval_embedding": True, "time_scale": 1.0},
@@ -48,13 +49,15 @@ TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny-official": {**TINY, **OFFICIAL_BEHAVIOUR, "interval_embedding": True, "time_scale": 1.0},
     "small": {**SMALL, **OUR_BEHAVIOUR, "interval_embedding": True, "time_scale": 1000.0},
     "small-teacher": {**SMALL, **OUR_BEHAVIOUR, "interval_embedding": False, "time_scale": 1000.0},
+    "tiny-x4": {**TINY_X4, **OUR_BEHAVIOUR, "interval_embedding": True, "time_scale": 1000.0},
+    "tiny-x4-teacher": {**TINY_X4, **OUR_BEHAVIOUR, "interval_embedding": False, "time_scale": 1000.0},
     "small-x4": {**SMALL_X4, **OUR_BEHAVIOUR, "interval_embedding": True, "time_scale": 1000.0},
     "small-x4-teacher": {**SMALL_X4, **OUR_BEHAVIOUR, "interval_embedding": False, "time_scale": 1000.0},
 }
 
 # The teacher preset a student preset is distilled from.
 TEACHER_OF = {"sd35-medium": "dit4sr-sd35-medium", "tiny": "tiny-teacher", "small": "small-teacher",
-              "small-x4": "small-x4-teacher"}
+              "small-x4": "small-x4-teacher", "tiny-x4": "tiny-x4-teacher"}
 
 # SD3.5's VAE (method.md 2.1): 16 latent channels, x8, scale 1.5305, shift 0.0609.
 SD35_VAE = dict(

@@ -5,23 +5,25 @@
 Downloads four wallpaper packages with ``apt-get download``, unpacks them with ``dpkg-deb -x``,
 downscales each photo 2-4x (long side about 1024 px, antialiased: it removes the JPEG artefacts the
 wallpapers carry) and writes PNGs to ``train/`` and ``val/``. The validation photos are a fixed
-list, never used for training. ``SOURCES.md`` records every file's package and licence.
+list, never used for training. ``SOURCES.md`` records every file's package, author and licence
+(from the package's copyright file, or the KDE wallpaper's metadata.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import json
 import subprocess
 from pathlib import Path
 
 from PIL import Image
 
-PACKAGES = {
-    "lomiri-wallpapers-16.04": ("usr/share/backgrounds/*.jpg", "CC-BY-4.0 / CC-BY-SA-4.0 (see the package's copyright file)"),
-    "lomiri-wallpapers-20.04": ("usr/share/backgrounds/*.jpg", "CC-BY-SA-3.0 (see the package's copyright file)"),
-    "mate-backgrounds": ("usr/share/backgrounds/mate/nature/*.jpg", "GPL-2+ (see the package's copyright file)"),
-    "plasma-workspace-wallpapers": ("usr/share/wallpapers/*/contents/images/2560x1600.jpg",
-                                    "LGPL-3 / GPL-2+ / CC-BY-SA-4.0 (see the package's copyright file)"),
+PACKAGES = {  # package: the photos it installs
+    "lomiri-wallpapers-16.04": "usr/share/backgrounds/*.jpg",
+    "lomiri-wallpapers-20.04": "usr/share/backgrounds/*.jpg",
+    "mate-backgrounds": "usr/share/backgrounds/mate/nature/*.jpg",
+    "plasma-workspace-wallpapers": "usr/share/wallpapers/*/contents/images/2560x1600.jpg",
 }
 # Held out for evaluation: photos of different kinds (landscape, macro, animal, water, texture).
 VALIDATION = {"Kleiber_by_Lukas_Baubkus", "Fossa_by_Jasper_Roks", "Storm", "YellowFlower", "BytheWater",
@@ -36,6 +38,39 @@ def name_of(path: Path) -> str:
     return path.stem
 
 
+def dep5_stanzas(copyright_file: Path) -> list[dict[str, str]]:
+    """The ``Files`` stanzas of a machine-readable Debian copyright file. A field's continuation
+    lines (indented) extend ``Files``; other fields keep their first line."""
+    stanzas = []
+    for block in copyright_file.read_text(errors="replace").split("\n\n"):
+        fields: dict[str, str] = {}
+        key = None
+        for line in block.splitlines():
+            if line[:1].isspace() and key == "Files":
+                fields[key] += " " + line.strip()
+            elif ":" in line and not line[:1].isspace():
+                key, value = line.split(":", 1)
+                fields[key] = value.strip()
+        if "Files" in fields:
+            stanzas.append(fields)
+    return stanzas
+
+
+def attribution(root: Path, package: str, src: Path) -> tuple[str, str]:
+    """(author, licence) of one photo: KDE wallpapers carry metadata.json; the others are found in
+    the package's copyright file (the last matching ``Files`` stanza wins, as DEP-5 says)."""
+    metadata = src.parents[2] / "metadata.json"
+    if metadata.is_file():
+        plugin = json.loads(metadata.read_text())["KPlugin"]
+        return ", ".join(a["Name"] for a in plugin.get("Authors", [])), plugin.get("License", "?")
+    author, licence = "?", "?"
+    for stanza in dep5_stanzas(root / "usr/share/doc" / package / "copyright"):
+        patterns = [p for p in stanza["Files"].split() if not p.startswith("debian/")]
+        if any(fnmatch.fnmatch(src.name, p.rsplit("/", 1)[-1]) for p in patterns):
+            author, licence = stanza.get("Copyright", "?"), stanza.get("License", "?")
+    return author, licence
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="data/photos")
@@ -46,8 +81,8 @@ def main() -> None:
     debs.mkdir(parents=True, exist_ok=True)
     for sub in ("train", "val"):
         (out / sub).mkdir(exist_ok=True)
-    sources = ["| file | set | package | licence |", "|---|---|---|---|"]
-    for package, (pattern, licence) in PACKAGES.items():
+    sources = ["| file | set | package | author (copyright) | licence |", "|---|---|---|---|---|"]
+    for package, pattern in PACKAGES.items():
         if not list(debs.glob(f"{package}_*.deb")):
             subprocess.run(["apt-get", "download", package], cwd=debs, check=True)
         deb = next(debs.glob(f"{package}_*.deb"))
@@ -65,7 +100,8 @@ def main() -> None:
                 factor = min(4, max(2, round(max(img.size) / args.long_side)))
                 img = img.resize((img.width // factor, img.height // factor), Image.Resampling.LANCZOS)
                 img.save(out / split / f"{name}.png")
-            sources.append(f"| {split}/{name}.png | {split} | {package} ({deb.name}) | {licence} |")
+            author, licence = attribution(target, package, src)
+            sources.append(f"| {split}/{name}.png | {split} | {deb.name} | {author} | {licence} |")
             print(f"{split}/{name}.png  {img.width}x{img.height}  (/{factor})")
     (out / "SOURCES.md").write_text("# Photo sources\n\n" + "\n".join(sources) + "\n")
 
