@@ -35,9 +35,9 @@ SMALL = dict(  # pairs with the "small" VAE (8 latent channels, x4)
     dual_attention_layers=(0, 1, 2), qk_norm="rms_norm",
 )
 
-# The default model: the small network on the lossless x4 space-to-depth codec (48 channels; patch 4,
-# so a token is 16x16 px like SD3.5 at x8 + patch 2), with
-# the velocity measured from the LR latent (an untrained net is bicubic; see SMFSRTransformer).
+# The default model: the small network on the lossless x4 space-to-depth codec (48 channels), patch 4
+# (a token is 16x16 px, as SD3.5's x8 VAE + patch 2), and the velocity measured from the LR latent
+# (lr_residual: an untrained net is bicubic; see SMFSRTransformer).
 SMALL_X4 = {**SMALL, "patch_size": 4, "in_channels": 48, "out_channels": 48, "lr_residual": True}
 TINY_X4 = {**TINY, "in_channels": 48, "out_channels": 48, "lr_residual": True}  # its test double
 
