@@ -147,23 +147,47 @@ def _cli_folder(model: str | None, n: int) -> dict:
     return {"seconds": seconds, "peak": peak_rss_bytes()}
 
 
-def scaling(mode: str) -> Table:
+def scaling(mode: str) -> list[Table]:
     sides = {"quick": [512, 1024], "default": [512, 1024, 2048], "full": [512, 1024, 2048, 4096]}[mode]
-    table = Table("Scaling with output size (tiny network, latent tiles 64, exact tiled VAE)",
-                  ["output", "time", "time / megapixel", "peak memory over baseline", "output image buffer"])
-    points = []
-    for side in sides:
-        r = in_child(_upscale, "tiny", side, 1, 1, 1)
-        if "error" in r:
-            table.add(f"{side}^2", r["error"], "", "", "")
-            continue
-        mp = side * side / 1e6
-        points.append((math.log(side * side), math.log(r["seconds"])))
-        table.add(f"{side}^2", f"{r['seconds']:.2f} s", f"{r['seconds'] / mp:.2f} s", mib(r["peak"]), mib(3 * 4 * side * side))
-    if len(points) >= 2:
-        table.notes.append(f"Fitted exponent of time vs pixels: {fit_exponent(points):.2f} (1 = linear), "
-                           f"{math.exp(points[0][0]) / 1e6:.2f} to {math.exp(points[-1][0]) / 1e6:.2f} MP.")
-    return table
+    model = default_model()
+    runs = [("tiny network, SD3.5-shaped tiny VAE (exact tiling above 1 MP), latent tiles 64",
+             lambda side: in_child(_upscale, "tiny", side, 1, 1, 1))]
+    if model:
+        runs.append(("the default model (lossless pointwise codec, latent tiles 32)",
+                     lambda side: in_child(_upscale_model, model, side)))
+    tables = []
+    for title, measure in runs:
+        table = Table(f"Scaling with output size: {title}",
+                      ["output", "time", "time / megapixel", "peak memory over baseline", "output image buffer"])
+        points = []
+        for side in sides:
+            r = measure(side)
+            if "error" in r:
+                table.add(f"{side}^2", r["error"], "", "", "")
+                continue
+            mp = side * side / 1e6
+            points.append((math.log(side * side), math.log(r["seconds"])))
+            table.add(f"{side}^2", f"{r['seconds']:.2f} s", f"{r['seconds'] / mp:.2f} s", mib(r["peak"]),
+                      mib(3 * 4 * side * side))
+        if len(points) >= 2:
+            table.notes.append(f"Fitted exponent of time vs pixels: {fit_exponent(points):.2f} (1 = linear), "
+                               f"{math.exp(points[0][0]) / 1e6:.2f} to {math.exp(points[-1][0]) / 1e6:.2f} MP.")
+        tables.append(table)
+    return tables
+
+
+def _upscale_model(model: str, out_side: int) -> dict:
+    import torch
+
+    from smfsr.pipeline import UpscaleOptions
+
+    up = _upscaler(model)
+    image = torch.rand(1, 3, out_side // 4, out_side // 4, generator=torch.Generator().manual_seed(0))
+    up(image[..., :32, :32], UpscaleOptions(seed=0))  # warm-up
+    base = rss_bytes()
+    start = time.perf_counter()
+    up(image, UpscaleOptions(seed=0))
+    return {"seconds": time.perf_counter() - start, "peak": peak_rss_bytes() - base}
 
 
 def fit_exponent(points: list[tuple[float, float]]) -> float:
@@ -174,4 +198,4 @@ def fit_exponent(points: list[tuple[float, float]]) -> float:
 
 
 def run(mode: str = "default") -> list[Table]:
-    return [end_to_end(mode), throughput(mode), scaling(mode)]
+    return [end_to_end(mode), throughput(mode), *scaling(mode)]
