@@ -36,10 +36,13 @@ SMALL = dict(  # pairs with the "small" VAE (8 latent channels, x4)
 )
 
 # The default model: the small network on the lossless x4 space-to-depth codec (48 channels), patch 4
-# (a token is 16x16 px, as SD3.5's x8 VAE + patch 2), and the velocity measured from the LR latent
-# (lr_residual: an untrained net is bicubic; see SMFSRTransformer).
-SMALL_X4 = {**SMALL, "patch_size": 4, "in_channels": 48, "out_channels": 48, "lr_residual": True}
-TINY_X4 = {**TINY, "in_channels": 48, "out_channels": 48, "lr_residual": True}  # its test double
+# (a token is 16x16 px, as SD3.5's x8 VAE + patch 2), the velocity measured from the LR latent
+# (lr_residual: an untrained net is bicubic; see SMFSRTransformer) and a convolutional detail head
+# on the latent grid for what a 16x16 px token's linear output cannot place (models/detail_head.py).
+SMALL_X4 = {**SMALL, "patch_size": 4, "in_channels": 48, "out_channels": 48, "lr_residual": True,
+            "detail_head_channels": 96, "detail_head_layers": 6}
+TINY_X4 = {**TINY, "in_channels": 48, "out_channels": 48, "lr_residual": True,  # its test double
+           "detail_head_channels": 8, "detail_head_layers": 2}
 
 TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "sd35-medium": {**SD35_MEDIUM, **OFFICIAL_BEHAVIOUR, "interval_embedding": True, "time_scale": 1.0},

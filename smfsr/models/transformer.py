@@ -20,6 +20,7 @@ from diffusers.models.normalization import AdaLayerNormContinuous
 from torch import nn
 
 from .blocks import SRJointBlock
+from .detail_head import DetailHead
 
 
 def interval_mlp(dim: int) -> nn.Sequential:
@@ -51,7 +52,8 @@ class SMFSRTransformer(ModelMixin, ConfigMixin):
     are ours and say which behaviour of the official code the weights expect. ``lr_residual``
     (ours, off for the official weights) measures the velocity from the LR latent, for small
     models trained from scratch with a lossless codec, where the LR latent is already the bicubic
-    image and the identity is the hard part to learn.
+    image and the identity is the hard part to learn. ``detail_head_channels`` (ours, 0 = none)
+    adds a small convolutional head on the latent grid (see :mod:`.detail_head`).
     """
 
     _supports_gradient_checkpointing = True
@@ -79,6 +81,8 @@ class SMFSRTransformer(ModelMixin, ConfigMixin):
         control_scale: float = 1.2,
         official_dead_modules: bool = True,
         lr_residual: bool = False,
+        detail_head_channels: int = 0,
+        detail_head_layers: int = 4,
     ):
         super().__init__()
         dim = num_attention_heads * attention_head_dim
@@ -114,6 +118,10 @@ class SMFSRTransformer(ModelMixin, ConfigMixin):
                 raise ValueError("lr_residual needs in_channels == out_channels (the LR latent is added back)")
             nn.init.zeros_(self.proj_out.weight)  # an untrained network is then exactly the LR baseline
             nn.init.zeros_(self.proj_out.bias)
+        if detail_head_channels:
+            if in_channels != out_channels:
+                raise ValueError("a detail head needs in_channels == out_channels (it reads the latents it corrects)")
+            self.detail_head = DetailHead(out_channels, detail_head_channels, detail_head_layers, dim)
         self.gradient_checkpointing = False
 
     @property
@@ -161,6 +169,9 @@ class SMFSRTransformer(ModelMixin, ConfigMixin):
         hidden = self.proj_out(self.norm_out(hidden, temb))
         hidden = hidden.reshape(batch, *grid, p, p, self.config.out_channels)
         velocity = torch.einsum("nhwpqc->nchpwq", hidden).reshape(batch, -1, height, width)
+        if self.config.detail_head_channels:
+            velocity = velocity + self.detail_head(velocity, hidden_states.to(velocity.dtype),
+                                                   lr_latent.to(velocity.dtype), temb)
         if self.config.lr_residual:
             # u = net + (z_t - z_LR): the one step x = z_1 - u(z_1, 0, 1) becomes z_LR - net, so the
             # network learns the HR detail the LR latent lacks instead of re-learning the identity.
