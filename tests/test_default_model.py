@@ -27,24 +27,24 @@ def upscaler() -> SMFSRUpscaler:
 
 
 def test_default_model_on_held_out_photos_against_bicubic(upscaler):
-    """What the shipped model measurably does (models/README.md): issue 8's target (b) on the
-    Real-ESRGAN degradation; on clean bicubic inputs it adds detail (sharper than bicubic) at
-    bicubic's PSNR, -0.02 dB, short of target (a), bicubic + 0.5 dB. The margins sit between the
-    measured values and what a broken model or pipeline gives: noise leaking through the one step,
-    a misaligned resize or codec costs dB, and an untrained LR-residual net is bicubic exactly, so
-    it fails the sharpness assertions."""
+    """Issue 8's targets, as the model card measures them: (a) on clean bicubic inputs PSNR >=
+    bicubic + 0.5 dB (measured + 0.71), (b) on the Real-ESRGAN degradation sharper than bicubic,
+    closer to the ground truth's sharpness, at bicubic's PSNR. Noise leaking through the one step,
+    a misaligned resize or codec costs far more than the 0.2 dB of headroom, and an untrained
+    LR-residual net is bicubic exactly."""
     hr, lr = held_out(HELD_OUT, 256, "bicubic")
     assert len(hr) == 7
     bicubic = score(resize(lr, *hr.shape[-2:]), hr)
     ours = score(upscaler(lr, UpscaleOptions(), seeds=list(range(len(lr)))), hr)
-    assert ours.psnr >= bicubic.psnr - 0.1, (ours, bicubic)  # measured: 31.90 vs 31.92
-    assert ours.sharpness_ratio >= bicubic.sharpness_ratio + 0.04, (ours, bicubic)  # 0.597 vs 0.523
+    assert ours.psnr >= bicubic.psnr + 0.5, (ours, bicubic)  # measured: 32.63 vs 31.92
+    assert ours.ssim > bicubic.ssim, (ours, bicubic)  # 0.9216 vs 0.9146
+    assert ours.sharpness_ratio >= bicubic.sharpness_ratio + 0.04, (ours, bicubic)  # 0.602 vs 0.523
 
     hr, lr = held_out(HELD_OUT, 256, "realesrgan")
     bicubic = score(resize(lr, *hr.shape[-2:]), hr)
     ours = score(upscaler(lr, UpscaleOptions(), seeds=list(range(len(lr)))), hr)
-    assert abs(ours.sharpness_ratio - 1) < abs(bicubic.sharpness_ratio - 1) - 0.02, (ours, bicubic)  # 0.763 vs 0.731
-    assert ours.psnr >= bicubic.psnr - 0.5, (ours, bicubic)  # 25.48 vs 25.47
+    assert abs(ours.sharpness_ratio - 1) < abs(bicubic.sharpness_ratio - 1) - 0.02, (ours, bicubic)  # 0.786 vs 0.731
+    assert ours.psnr >= bicubic.psnr - 0.5, (ours, bicubic)  # 25.46 vs 25.47
 
 
 def test_same_seed_same_image_other_seeds_same_content(upscaler):
@@ -56,7 +56,7 @@ def test_same_seed_same_image_other_seeds_same_content(upscaler):
     c = upscaler(lr, UpscaleOptions(seed=1))
     assert torch.equal(a, b)
     # The noise start reaches the output, but faintly: the L2-only refinement taught the network
-    # to mostly ignore it (the seed spread is about 59 dB PSNR between seeds, see the model card).
+    # to mostly ignore it (about 60 dB PSNR between seeds; the model card says why).
     assert (a - c).abs().max() > 1e-3
     assert psnr(a, c, 1.0).mean() > 35
 

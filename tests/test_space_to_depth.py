@@ -1,5 +1,5 @@
-"""The default model's design: the lossless space-to-depth codec, the LR-residual velocity, and
-the trainer stages that build such a model (flow -> meanflow -> refine without DINOv3)."""
+"""The default model's design: the lossless space-to-depth codec, the LR-residual velocity, the
+convolutional detail head, and the trainer stages that build such a model (flow -> meanflow -> refine without DINOv3)."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import pytest
 import torch
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from smfsr.checkpoint import build_transformer, describe, load_bundle, random_bundle, save_bundle
 from smfsr.codec import LatentCodec
 from smfsr.errors import CheckpointError
+from smfsr.models.detail_head import DetailHead
 from smfsr.models.presets import transformer_config
 from smfsr.models.space_to_depth import SpaceToDepthVAE
 from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions, resize
@@ -70,6 +72,39 @@ def test_lr_residual_velocity_and_its_channel_check():
         assert not torch.allclose(model(z, lr, text, pooled, t, r), z - lr)
     with pytest.raises(CheckpointError, match="lr_residual needs in_channels == out_channels"):
         build_transformer(transformer_config("tiny", lr_residual=True, out_channels=8))
+
+
+def test_the_detail_head_is_local_time_dependent_and_starts_at_zero():
+    torch.manual_seed(0)
+    head = DetailHead(latent_channels=4, width=8, layers=3, temb_dim=6).eval()
+    v, z, lr = torch.randn(3, 1, 4, 12, 12).unbind(0)
+    temb = torch.randn(1, 6)
+    with torch.no_grad():
+        assert torch.equal(head(v, z, lr, temb), torch.zeros_like(v))  # a new head changes nothing
+        for layer in (head.conv_out, head.film):
+            torch.nn.init.normal_(layer.weight, std=0.5)
+        base = head(v, z, lr, temb)
+        # three 3x3 layers: a change at cell (6, 6) reaches cells within 3 of it, and no further
+        poked = lr.clone()
+        poked[..., 6, 6] += 1.0
+        moved = (head(v, z, poked, temb) - base).abs().amax(1)[0] > 0
+        rows, cols = torch.nonzero(moved, as_tuple=True)
+        assert moved[6, 6] and rows.min() == 3 and rows.max() == 9 and cols.min() == 3 and cols.max() == 9
+        assert not torch.allclose(head(v, z, lr, torch.randn(1, 6)), base)  # FiLM: time matters
+    with pytest.raises(ValueError, match="at least 2"):
+        DetailHead(4, 8, 1, 6)
+
+
+def test_a_bundle_whose_config_has_a_head_but_not_its_tensors_is_refused(tmp_path):
+    bundle = lossless_bundle()
+    assert bundle.transformer.config.detail_head_channels  # the test double has a head, as the default model
+    path = save_bundle(tmp_path / "m.safetensors", bundle)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = {k: v for k, v in load_file(str(path)).items() if ".detail_head." not in k}
+    save_file(tensors, str(tmp_path / "headless.safetensors"), metadata=metadata)
+    with pytest.raises(CheckpointError, match=r"missing(.|\n)*detail_head\.conv_out\.weight"):
+        load_bundle(tmp_path / "headless.safetensors")
 
 
 @pytest.fixture(scope="module")
