@@ -1,5 +1,6 @@
 """The default model's design: the lossless space-to-depth codec, the LR-residual velocity, the
-convolutional detail head, and the trainer stages that build such a model (flow -> meanflow -> refine without DINOv3)."""
+convolutional detail head, and the trainer stages that build such a model (flow -> meanflow ->
+refine without DINOv3)."""
 
 from __future__ import annotations
 
@@ -72,6 +73,8 @@ def test_lr_residual_velocity_and_its_channel_check():
         assert not torch.allclose(model(z, lr, text, pooled, t, r), z - lr)
     with pytest.raises(CheckpointError, match="lr_residual needs in_channels == out_channels"):
         build_transformer(transformer_config("tiny", lr_residual=True, out_channels=8))
+    with pytest.raises(CheckpointError, match="a detail head needs in_channels == out_channels"):
+        build_transformer(transformer_config("tiny", detail_head_channels=8, out_channels=8))
 
 
 def test_the_detail_head_is_local_time_dependent_and_starts_at_zero():

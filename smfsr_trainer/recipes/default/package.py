@@ -33,8 +33,8 @@ def main() -> None:
     if not bundle.transformer.is_average_velocity:
         raise SystemExit(f"{args.source} is a flow teacher; package the one-step student (refine or meanflow export)")
     bundle.license = LICENCE
-    bundle.provenance = ("SMFSR default model, recipe smfsr_trainer/recipes/default (flow -> meanflow -> refine, mixed then clean inputs); "
-                         + bundle.provenance)
+    bundle.provenance = ("SMFSR default model, recipe smfsr_trainer/recipes/default "
+                         "(flow -> meanflow -> refine, mixed then clean inputs); " + bundle.provenance)
     path = save_bundle(args.target, bundle, overwrite=args.overwrite, dtype=torch.float16)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
 
