@@ -62,10 +62,9 @@ THROUGHPUT_SIDE = 128  # input side; x4 -> 512^2 outputs
 
 
 def default_model() -> str | None:
-    from smfsr.models.default import DEFAULT_MODEL_NAME, REPO_MODELS
+    from smfsr.models.default import SHIPPED_MODEL
 
-    path = REPO_MODELS / DEFAULT_MODEL_NAME
-    return str(path) if path.is_file() else None
+    return str(SHIPPED_MODEL) if SHIPPED_MODEL.is_file() else None
 
 
 def throughput(mode: str) -> Table:

@@ -84,21 +84,21 @@ def webui(tmp_path_factory, tiny_bundle_path):
 
 
 def test_the_upscaler_is_listed(webui):
-    from smfsr.models.default import DEFAULT_MODEL_NAME
+    from smfsr.models.default import SHIPPED_MODEL
 
     upscalers = {u["name"]: u for u in _call(webui + "/sdapi/v1/upscalers")}
     assert "SMFSR x4 (tiny)" in upscalers
     assert upscalers["SMFSR x4 (tiny)"]["scale"] == 4
     assert upscalers["SMFSR x4 (tiny)"]["model_path"].endswith("tiny.safetensors")
     # the shipped default model is there without installing anything
-    assert upscalers["SMFSR x4 (smfsr-small-x4)"]["model_path"].endswith(DEFAULT_MODEL_NAME)
+    assert upscalers["SMFSR x4 (smfsr-small-x4)"]["model_path"].endswith(SHIPPED_MODEL.name)
 
 
 @pytest.mark.parametrize("name", ["tiny", "smfsr-small-x4"])
 def test_extras_runs_smfsr_and_its_pixels_match_the_library(webui, tiny_bundle_path, name):
     """A failing upscaler still returns HTTP 200 with a Lanczos resize: only the pixels prove it ran."""
     from smfsr.imageio import from_pil
-    from smfsr.models.default import DEFAULT_MODEL_NAME, REPO_MODELS
+    from smfsr.models.default import SHIPPED_MODEL
     from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
 
     image = Image.fromarray(photo_like(40, 56))
@@ -109,7 +109,7 @@ def test_extras_runs_smfsr_and_its_pixels_match_the_library(webui, tiny_bundle_p
         "extras_upscaler_2_visibility": 0, "image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
     })
     got = np.asarray(Image.open(io.BytesIO(base64.b64decode(reply["image"]))).convert("RGB")).astype(int)
-    model = tiny_bundle_path if name == "tiny" else REPO_MODELS / DEFAULT_MODEL_NAME
+    model = tiny_bundle_path if name == "tiny" else SHIPPED_MODEL
     up = SMFSRUpscaler.from_pretrained(model, device="cpu", dtype="fp32")
     want = np.asarray(up.upscale_image(from_pil(image), UpscaleOptions(scale=4, seed=0, tile_size=64, tile_overlap=24)))
     assert got.shape == want.shape == (160, 224, 3)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import torch
+
 from bench import steps
 from bench.harness import Table, in_child
 
@@ -55,3 +57,20 @@ def test_model_evaluation_scores_bicubic_and_the_model_and_measures_the_seed_spr
     values = dict(spread.rows)
     assert float(values["same seed twice: max abs difference"]) == 0.0  # same seed, same image
     assert float(values["different seeds: mean per-pixel std over seeds"]) > 0  # the noise start matters
+
+
+def test_the_cnn_probe_starts_as_bicubic_and_trains(tmp_path):
+    from PIL import Image
+
+    from bench.probe_cnn import espcn, probe, upscale
+    from smfsr.pipeline import resize
+    from tests.conftest import photo_like
+
+    lr = torch.rand(1, 3, 8, 12)
+    assert torch.allclose(upscale(espcn(), lr), resize(lr, 32, 48))  # zero last layer: exactly bicubic
+    for i in range(3):
+        Image.fromarray(photo_like(80, 96, seed=i)).save(tmp_path / f"p{i}.png")
+    table = probe(tmp_path, tmp_path, crop=64, val_crop=64, max_steps=2)
+    assert [r[0] for r in table.rows] == ["bicubic", "CNN probe"] and "2 steps" in table.title
+    bicubic, probed = (float(r[1]) for r in table.rows)
+    assert 20 < bicubic < 60 and abs(probed - bicubic) < 1  # starts as bicubic; a misaligned output is far off

@@ -173,12 +173,12 @@ def test_workflows_run_and_match_the_library(comfy, tiny_bundle_path, workflow):
 def test_the_shipped_workflow_runs_the_default_model_as_is(comfy):
     """No model to install: the workflow names the default model, which the loader finds in the
     repository's models/ folder."""
-    from smfsr.models.default import DEFAULT_MODEL_NAME, REPO_MODELS
+    from smfsr.models.default import SHIPPED_MODEL
 
     entry = comfy.run(api_workflow("smfsr_upscale", image="example.png", dtype="fp32"))
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
     got = comfy.output_image(entry)
-    want = expected(REPO_MODELS / DEFAULT_MODEL_NAME, comfy.base / "input" / "example.png")
+    want = expected(SHIPPED_MODEL, comfy.base / "input" / "example.png")
     assert got.shape == want.shape == (160, 224, 3)
     assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
 

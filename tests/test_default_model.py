@@ -13,7 +13,7 @@ import torch
 
 from bench.eval_model import held_out, score
 from smfsr.cli import main
-from smfsr.models.default import DEFAULT_MODEL_NAME, REPO_MODELS
+from smfsr.models.default import SHIPPED_MODEL
 from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions, resize
 
 HELD_OUT = Path(__file__).parent / "data" / "heldout"
@@ -22,7 +22,7 @@ SAMPLE = Path(__file__).resolve().parents[1] / "samples" / "sunset_lr.png"
 
 @pytest.fixture(scope="module")
 def upscaler() -> SMFSRUpscaler:
-    assert (REPO_MODELS / DEFAULT_MODEL_NAME).is_file(), f"the default model {DEFAULT_MODEL_NAME} is not in {REPO_MODELS}"
+    assert SHIPPED_MODEL.is_file(), f"the default model {SHIPPED_MODEL} is missing"
     return SMFSRUpscaler.from_pretrained(None, device="cpu", dtype="fp32")
 
 

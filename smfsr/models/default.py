@@ -9,12 +9,13 @@ from ..errors import SMFSRError
 
 DEFAULT_MODEL_NAME = "smfsr-small-x4.safetensors"
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
+SHIPPED_MODEL = REPO_MODELS / DEFAULT_MODEL_NAME  # the file itself, whatever $SMFSR_MODEL says
 
 
 def default_model_path() -> Path:
     """$SMFSR_MODEL if set, else ``models/smfsr-small-x4.safetensors`` beside the package."""
     env = os.environ.get("SMFSR_MODEL")
-    path = Path(env) if env else REPO_MODELS / DEFAULT_MODEL_NAME
+    path = Path(env) if env else SHIPPED_MODEL
     if not path.exists():
         raise SMFSRError(
             f"no model given and the default model {path} is not there. Pass --model with an SMFSR bundle "
