@@ -6,9 +6,9 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from smfsr.models.catalog import ModelEntry, find_models
-from smfsr.models.default import REPO_MODELS
-from smfsr.pipeline import UpscaleOptions
+from smfsr.checkpoint.catalog import ModelEntry, find_models
+from smfsr.checkpoint.default_model import REPO_MODELS
+from smfsr.options import COLOR_FIXES, UpscaleOptions
 
 SECTION = ("upscaling", "Upscaling")
 MODEL_DIR_NAME = "SMFSR"  # models/SMFSR, like models/ESRGAN
@@ -23,13 +23,19 @@ class Setting:
     args: dict
 
 
+# 0 / "auto" everywhere means what the chosen model stores, as in every other door.
 SETTINGS = [
-    Setting("smfsr_steps", 1, "SMFSR steps (1 = one-step, as trained)", "slider", {"minimum": 1, "maximum": 8, "step": 1}),
+    Setting("smfsr_steps", 0, "SMFSR steps (0 = the model's default, one step)", "slider",
+            {"minimum": 0, "maximum": 8, "step": 1}),
     Setting("smfsr_seed", -1, "SMFSR seed (-1 = random each time)", "number", {"precision": 0}),
-    Setting("smfsr_tile", 64, "SMFSR latent tile size (latent px; 0 = whole image)", "slider", {"minimum": 0, "maximum": 256, "step": 8}),
-    Setting("smfsr_tile_overlap", 24, "SMFSR latent tile overlap", "slider", {"minimum": 0, "maximum": 128, "step": 4}),
-    Setting("smfsr_vae_tile", 0, "SMFSR VAE tile (latent px; 0 = from free memory)", "slider", {"minimum": 0, "maximum": 512, "step": 8}),
-    Setting("smfsr_color_fix", "adain", "SMFSR colour fix", "radio", {"choices": ["adain", "wavelet", "none"]}),
+    Setting("smfsr_tile", 0, "SMFSR latent tile size (latent px; 0 = the model's default)", "slider",
+            {"minimum": 0, "maximum": 256, "step": 4}),
+    Setting("smfsr_tile_overlap", 0, "SMFSR latent tile overlap (0 = the model's, in proportion to the tile)", "slider",
+            {"minimum": 0, "maximum": 128, "step": 2}),
+    Setting("smfsr_vae_tile", 0, "SMFSR VAE tile (latent px; 0 = automatic, from free memory)", "slider",
+            {"minimum": 0, "maximum": 512, "step": 8}),
+    Setting("smfsr_color_fix", "auto", "SMFSR colour fix (auto = the model's default)", "radio",
+            {"choices": ["auto", *COLOR_FIXES]}),
     Setting("smfsr_dtype", "auto", "SMFSR precision", "radio", {"choices": ["auto", "bf16", "fp16", "fp32"]}),
 ]
 DEFAULTS = {s.key: s.default for s in SETTINGS}
@@ -57,8 +63,9 @@ def options(settings: dict, scale: float, rng: random.Random | None = None) -> U
     seed = int(s["smfsr_seed"])
     if seed < 0:
         seed = (rng or random.SystemRandom()).randrange(2**32)
-    return UpscaleOptions(scale=float(scale), seed=seed, steps=int(s["smfsr_steps"]), tile_size=int(s["smfsr_tile"]),
-                          tile_overlap=int(s["smfsr_tile_overlap"]), color_fix=str(s["smfsr_color_fix"]))
+    return UpscaleOptions.from_widgets(scale=scale, seed=seed, steps=s["smfsr_steps"], tile_size=s["smfsr_tile"],
+                                       tile_overlap=s["smfsr_tile_overlap"], color_fix=s["smfsr_color_fix"],
+                                       vae_tile=s["smfsr_vae_tile"])
 
 
 def settings_key(settings: dict) -> tuple:

@@ -16,7 +16,6 @@ from modules.upscaler import Upscaler, UpscalerData
 from smfsr.errors import SMFSRError
 from smfsr.imageio import from_pil
 from smfsr.pipeline import SMFSRUpscaler
-from smfsr.tiling.vae import VAETiling
 
 from . import logic
 
@@ -49,8 +48,6 @@ class UpscalerSMFSR(Upscaler):  # the name gives --smfsr-models-path (cmd_opts.s
         s = settings()
         try:
             upscaler = self.load_model(selected_model)
-            upscaler.codec.tiling = VAETiling(decoder_tile=s["smfsr_vae_tile"] or None,
-                                              encoder_tile=(s["smfsr_vae_tile"] * 8) or None)
             return upscaler.upscale_image(from_pil(img), logic.options(s, self.scale), progress=report_progress)
         except Interrupted:
             return img  # A1111 sees state.interrupted and stops; the input comes back unchanged

@@ -22,7 +22,8 @@ from .harness import Table, report
 
 
 def evaluate(run: Path, val_dir: Path, crop: int, degradation: str, also: dict[str, Path] | None = None) -> Table:
-    from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions, resize
+    from smfsr.options import UpscaleOptions, VAETiling
+    from smfsr.pipeline import SMFSRUpscaler, resize
 
     hr, lr = held_out(val_dir, crop, degradation)
     seeds = list(range(len(lr)))
@@ -36,21 +37,18 @@ def evaluate(run: Path, val_dir: Path, crop: int, degradation: str, also: dict[s
     row("bicubic", "-", resize(lr, *hr.shape[-2:]))
     teacher = SMFSRUpscaler.from_pretrained(run / "flow.safetensors", device="cpu", dtype="fp32")
     student = SMFSRUpscaler.from_pretrained(run / "meanflow.safetensors", device="cpu", dtype="fp32")
-    for up in (teacher, student):
-        up.codec.tiling = None
     codec = teacher.codec
     row("VAE reconstruction of HR (ceiling)", "-", codec.decode(codec.encode(hr)))
     for steps in (1, 25):
-        row("flow teacher (Euler)", steps, teacher(lr, UpscaleOptions(steps=steps), seeds=seeds))
+        row("flow teacher (Euler)", steps, teacher(lr, UpscaleOptions(steps=steps, vae_tiling=VAETiling.off()), seeds=seeds))
     for steps in (1, 2):
-        row("SMFSR student (ISC)", steps, student(lr, UpscaleOptions(steps=steps), seeds=seeds))
+        row("SMFSR student (ISC)", steps, student(lr, UpscaleOptions(steps=steps, vae_tiling=VAETiling.off()), seeds=seeds))
     extra = dict(also or {})
     if (run / "refine.safetensors").exists():
         extra = {"SMFSR refined (GAN + VSD)": run / "refine.safetensors", **extra}
     for label, path in extra.items():
         up = SMFSRUpscaler.from_pretrained(path, device="cpu", dtype="fp32")
-        up.codec.tiling = None
-        row(label, 1, up(lr, UpscaleOptions(steps=1), seeds=seeds))
+        row(label, 1, up(lr, UpscaleOptions(steps=1, vae_tiling=VAETiling.off()), seeds=seeds))
     table.notes.append("Colour fix AdaIN (the default); seeds 0..N-1; all models trained by the SMFSR trainer on the "
                        "training photos only.")
     return table

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from smfsr.checkpoint import random_bundle  # noqa: E402
+from smfsr.checkpoint.random import random_bundle  # noqa: E402
 from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions  # noqa: E402
 
 

@@ -6,6 +6,7 @@ import datetime as dt
 import multiprocessing as mp
 import os
 import platform
+import queue as queue_module
 import resource
 import statistics
 import subprocess
@@ -46,16 +47,29 @@ def _child(target: Callable[..., dict], args: tuple, queue: mp.Queue) -> None:
 
 
 def in_child(target: Callable[..., dict], *args: Any, timeout: float = 1800) -> dict:
-    """Run ``target(*args)`` in a fresh process (spawn) so its peak memory is its own."""
+    """Run ``target(*args)`` in a fresh process (spawn) so its peak memory is its own.
+
+    A child that dies before it reports (an import error, the out-of-memory killer) is reported at
+    once as an error, not waited on."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_child, args=(target, args, queue))
     proc.start()
-    try:
-        result = queue.get(timeout=timeout)
-    except Exception:
-        proc.kill()
-        result = {"error": "timed out"}
+    deadline = time.monotonic() + timeout
+    result = None
+    while result is None:
+        try:
+            result = queue.get(timeout=0.2)
+        except queue_module.Empty:
+            if not proc.is_alive():
+                try:  # it may have reported just before exiting
+                    result = queue.get(timeout=1)
+                except queue_module.Empty:
+                    result = {"error": f"child exited with {proc.exitcode} before reporting "
+                                       "(an import error or out of memory; see its stderr above)"}
+            elif time.monotonic() > deadline:
+                proc.kill()
+                result = {"error": f"timed out after {timeout:.0f} s"}
     proc.join()
     if proc.exitcode not in (0, None) and "error" not in result:
         result = {"error": f"child exited with {proc.exitcode} (out of memory?)"}

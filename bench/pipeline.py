@@ -21,7 +21,7 @@ from .harness import Table, in_child, mib, peak_rss_bytes, rss_bytes
 def _upscale(preset: str, out_side: int, steps: int, batch: int, repeats: int) -> dict:
     import torch
 
-    from smfsr.checkpoint import random_bundle
+    from smfsr.checkpoint.random import random_bundle
     from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
 
     torch.set_num_threads(torch.get_num_threads())
@@ -62,7 +62,7 @@ THROUGHPUT_SIDE = 128  # input side; x4 -> 512^2 outputs
 
 
 def default_model() -> str | None:
-    from smfsr.models.default import SHIPPED_MODEL
+    from smfsr.checkpoint.default_model import SHIPPED_MODEL
 
     return str(SHIPPED_MODEL) if SHIPPED_MODEL.is_file() else None
 
@@ -91,7 +91,7 @@ def throughput(mode: str) -> Table:
 
 
 def _upscaler(model: str | None):
-    from smfsr.checkpoint import random_bundle
+    from smfsr.checkpoint.random import random_bundle
     from smfsr.pipeline import SMFSRUpscaler
 
     if model:
@@ -135,7 +135,8 @@ def _cli_folder(model: str | None, n: int) -> dict:
             to_pil(image).save(folder / f"{i:02d}.png")
         args = ["upscale", str(folder), "-o", str(Path(tmp) / "out"), "-q", "--device", "cpu"]
         if model is None:
-            from smfsr.checkpoint import random_bundle, save_bundle
+            from smfsr.checkpoint import save_bundle
+            from smfsr.checkpoint.random import random_bundle
 
             model = str(save_bundle(Path(tmp) / "standin.safetensors", random_bundle("small-x4", "space-to-depth-x4")))
         start = time.perf_counter()

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import torch
 
-from smfsr.checkpoint import random_bundle
+from smfsr.checkpoint.random import random_bundle
 from smfsr.models.presets import TEACHER_OF
-from smfsr.pipeline import SMFSRUpscaler
+from smfsr.options import UpscaleOptions
+from smfsr.pipeline import LRLatent, SMFSRUpscaler
 
 from .harness import Table, median_time
 
@@ -19,13 +20,10 @@ def run(mode: str = "default") -> Table:
         student, teacher = random_bundle(preset), random_bundle(TEACHER_OF[preset])
         s_up, t_up = SMFSRUpscaler(student), SMFSRUpscaler(teacher)
         for h, w in sizes:
-            g = torch.Generator().manual_seed(0)
             c = student.transformer.config.in_channels
-            lr = torch.randn(1, c, h, w, generator=g)
-            noise = torch.randn(1, c, h, w, generator=g)
-            emb, pooled = s_up.text(1, None, None)
-            one = median_time(lambda: s_up.sample(lr, noise, steps=1, tile=64, overlap=24, embeds=emb, pooled=pooled))
-            forty = median_time(lambda: t_up.sample(lr, noise, steps=40, tile=64, overlap=24, embeds=emb, pooled=pooled),
+            lr = LRLatent(torch.randn(1, c, h, w, generator=torch.Generator().manual_seed(0)))
+            one = median_time(lambda: s_up.sample(lr, UpscaleOptions(steps=1, tile_size=64, tile_overlap=24)))
+            forty = median_time(lambda: t_up.sample(lr, UpscaleOptions(steps=40, tile_size=64, tile_overlap=24)),
                                 repeats=1)
             params = sum(p.numel() for p in student.transformer.parameters()) / 1e6
             table.add(f"{preset} ({params:.1f} M)", f"{h}x{w}", f"{one * 1e3:.1f} ms", f"{forty * 1e3:.0f} ms", f"{forty / one:.1f}x")

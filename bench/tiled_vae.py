@@ -31,7 +31,8 @@ def _decode(variant: str, size: int, out_dir: str) -> dict:
     import torch
     from diffusers import AutoencoderKL
 
-    from smfsr.tiling.vae import VAETiling, tiled_decode
+    from smfsr.options import VAETiling
+    from smfsr.tiling.vae import tiled_decode
 
     torch.manual_seed(0)
     vae = AutoencoderKL(**CONFIG).eval()
@@ -47,7 +48,7 @@ def _decode(variant: str, size: int, out_dir: str) -> dict:
         else:
             mode = "fast" if variant == "fast" else "exact"
             cache = None if variant == "exact+cache" else 0
-            out = tiled_decode(vae, z, VAETiling(mode=mode, decoder_tile=TILE, cache_budget=cache))
+            out = tiled_decode(vae, z, VAETiling(mode=mode, tile=TILE, cache_budget=cache))
     seconds = time.perf_counter() - start
     peak = peak_rss_bytes() - base
     image = ((out.clamp(-1, 1) + 1) / 2)[0].numpy()

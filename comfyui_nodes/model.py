@@ -14,10 +14,9 @@ import folder_paths
 import torch
 
 from smfsr.checkpoint import Bundle, load_model, to_device
-from smfsr.codec import LatentCodec, LatentScale
-from smfsr.models.default import REPO_MODELS
-from smfsr.pipeline import SMFSRUpscaler, parse_dtype
-from smfsr.tiling.vae import VAETiling
+from smfsr.checkpoint.default_model import REPO_MODELS
+from smfsr.devices import parse_dtype
+from smfsr.pipeline import SMFSRUpscaler
 
 FOLDER = "smfsr"
 EXTENSIONS = {".safetensors", ".sft"}
@@ -65,23 +64,29 @@ class SMFSRModel:
     patchers: list
     name: str
 
-    def upscaler_for(self, vae=None, tiling: VAETiling | None = None) -> SMFSRUpscaler:
-        """This model with a core VAE (its ldm ``first_stage_model``), else with the bundle's VAE."""
+    @property
+    def defaults(self):
+        return self.bundle.defaults
+
+    def upscaler_for(self, vae=None) -> SMFSRUpscaler:
+        """This model on its device, with a core VAE (its ldm ``first_stage_model``) or its own."""
         mm.load_models_gpu(self.patchers + ([vae.patcher] if vae is not None else []))
-        if vae is not None:
-            d = self.bundle.defaults
-            return SMFSRUpscaler(self.bundle, codec=LatentCodec(vae.first_stage_model, d.vae_scaling_factor,
-                                                                d.vae_shift_factor, tiling or VAETiling()))
-        if self.bundle.vae is None:
+        if vae is None and self.bundle.vae is None:
             raise ValueError(f"the SMFSR model {self.name} has no VAE of its own: connect the VAE from your "
                              "SD3.5 checkpoint loader to the node's vae input")
-        return SMFSRUpscaler(self.bundle, vae_tiling=tiling)
+        return SMFSRUpscaler(self.bundle, vae=vae.first_stage_model if vae is not None else None)
 
     def sampler(self) -> SMFSRUpscaler:
         """For sampling only: needs the latent scale/shift, not a VAE."""
         mm.load_models_gpu(self.patchers)
-        d = self.bundle.defaults
-        return SMFSRUpscaler(self.bundle, codec=LatentScale(d.vae_scaling_factor, d.vae_shift_factor))
+        return SMFSRUpscaler(self.bundle, sampling_only=True)
+
+    def vae_module(self):
+        """The bundle's own VAE, on its device, or None."""
+        if self.bundle.vae is None:
+            return None
+        mm.load_models_gpu(self.patchers)
+        return self.bundle.vae
 
 
 class Managed(torch.nn.Module):

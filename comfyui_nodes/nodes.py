@@ -1,8 +1,9 @@
-"""SMFSR nodes for ComfyUI (V3 schema). Each node translates ComfyUI types and calls the core.
+"""SMFSR nodes for ComfyUI (V3 schema). Each node translates ComfyUI types and makes one core call.
 
-Chain: Model Loader -> LR Encode -> Sampler -> Tiled VAE Decode -> Color Fix, or the all-in-one
-Upscale node. LATENTs stay in ComfyUI's raw VAE space; the sampler normalises with the model's
-scale/shift on the way in and undoes it on the way out, so core nodes can read its output.
+Chain: Model Loader -> LR Encode (stage 1) -> Sampler (stage 2) -> Tiled VAE Decode (stage 3) ->
+Color Fix (stage 4: resize to scale x the input and colour-fix), or the all-in-one Upscale node,
+which is those four calls. LATENTs stay in ComfyUI's raw VAE space, so core nodes can read them.
+Every setting left at 0 / "auto" takes the model's stored default, as in every other door.
 """
 
 from __future__ import annotations
@@ -12,18 +13,18 @@ import os
 import comfy.utils
 from comfy_api.latest import io
 
-from smfsr.color import COLOR_FIXES, color_fix
+from smfsr.checkpoint import PipelineDefaults
 from smfsr.errors import SMFSRError
-from smfsr.pipeline import UpscaleOptions, resize
-from smfsr.tiling.vae import VAETiling
+from smfsr.options import COLOR_FIXES, UpscaleOptions
+from smfsr.pipeline import LRLatent, decode_latent, finish
 
 from . import model as models
 from .convert import image_from_core, image_to_core, lr_latent, moments_of, text_from_conditioning
 
 CATEGORY = "SMFSR"
-TARGET_KEY = "smfsr_target_size"  # (H, W) the decode node resizes to: scale x the input image
 SMFSRModelType = io.Custom("SMFSR_MODEL")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+AUTO = "auto"
 
 
 def progress_bar():
@@ -40,18 +41,14 @@ def progress_bar():
     return update
 
 
-def vae_tiling(tile: int, mode: str) -> VAETiling:
-    """tile: core size in latent px (encoder: x8 px); 0 = chosen from free memory."""
-    return VAETiling(mode=mode, decoder_tile=tile or None, encoder_tile=tile * 8 or None)
-
-
 # Inputs several nodes share, declared once so their defaults and tooltips agree.
-def model_input() -> io.Input:
-    return SMFSRModelType.Input("smfsr_model", tooltip="From SMFSR Model Loader.")
+def model_input(optional: bool = False, tooltip: str = "From SMFSR Model Loader.") -> io.Input:
+    return SMFSRModelType.Input("smfsr_model", optional=optional, tooltip=tooltip)
 
 
-def scale_input(what: str = "Output size / input size.") -> io.Input:
-    return io.Float.Input("scale", default=4.0, min=0.25, max=16.0, step=0.25, tooltip=what)
+def scale_input() -> io.Input:
+    return io.Float.Input("scale", default=0.0, min=0.0, max=16.0, step=0.25,
+                          tooltip="Output size / input size; 0 = the model's factor (x4).")
 
 
 def seed_input() -> io.Input:
@@ -61,18 +58,23 @@ def seed_input() -> io.Input:
 
 def sampling_inputs() -> list[io.Input]:
     return [
-        io.Int.Input("steps", default=1, min=1, max=50, tooltip="Mean-flow steps (official: 1)."),
-        io.Int.Input("tile_size", default=64, min=0, max=512, step=2,
-                     tooltip="Latent tile for the network (latent px, 64 = 512 px); 0 = whole latent."),
-        io.Int.Input("tile_overlap", default=24, min=0, max=256, step=2,
-                     tooltip="Overlap between latent tiles, blended with Gaussian weights."),
+        io.Int.Input("steps", default=0, min=0, max=50, tooltip="Mean-flow steps; 0 = the model's (one step)."),
+        io.Int.Input("tile_size", default=0, min=0, max=512, step=2,
+                     tooltip="Latent tile for the network (latent px); 0 = the model's default."),
+        io.Int.Input("tile_overlap", default=0, min=0, max=256, step=2,
+                     tooltip="Overlap between latent tiles (Gaussian-blended); 0 = the model's, in proportion to the tile."),
     ]
 
 
-def vae_tile_input() -> io.Input:
-    return io.Int.Input("vae_tile", default=0, min=0, max=1024, step=8,
-                        tooltip="VAE tile (latent px; the encoder uses x8 px). 0 = from free memory "
-                                "(images under 1 MP are not tiled).")
+def color_fix_input() -> io.Input:
+    return io.Combo.Input("color_fix", options=[AUTO, *COLOR_FIXES], default=AUTO,
+                          tooltip="Colour toward the input: adain (mean/std), wavelet (low band) or none; auto = the model's.")
+
+
+def vae_tile_input(name: str = "vae_tile") -> io.Input:
+    return io.Int.Input(name, default=0, min=0, max=1024, step=8,
+                        tooltip="VAE tile (latent px; encoding takes the same area in image px). "
+                                "0 = automatic: images over 1 MP are tiled, with a size from free memory.")
 
 
 def user_error(e: Exception) -> Exception:
@@ -125,24 +127,18 @@ class SMFSRLREncode(io.ComfyNode):
                 model_input(),
                 io.Vae.Input("vae", optional=True,
                              tooltip="The VAE from your SD3.5 checkpoint loader; leave empty to use the model's own VAE."),
-                scale_input("Output size / input size, applied by SMFSR Tiled VAE Decode."),
                 vae_tile_input(),
             ],
             outputs=[io.Latent.Output(display_name="lr_latent"), io.Image.Output(display_name="lr_upscaled")],
         )
 
     @classmethod
-    def execute(cls, image, smfsr_model, scale: float, vae_tile: int, vae=None) -> io.NodeOutput:
+    def execute(cls, image, smfsr_model, vae_tile: int, vae=None) -> io.NodeOutput:
         try:
-            up = smfsr_model.upscaler_for(vae, vae_tiling(vae_tile, "exact"))
-            x = image_to_core(image).to(up.device)
-            control = up.prepare(x)
-            mean, logvar = up.codec.moments(control)
+            lr = smfsr_model.upscaler_for(vae).encode(image_to_core(image), UpscaleOptions.from_widgets(vae_tile=vae_tile))
         except (SMFSRError, ValueError) as e:
             raise user_error(e) from None
-        latent = lr_latent(mean, logvar)
-        latent[TARGET_KEY] = (max(1, round(x.shape[-2] * scale)), max(1, round(x.shape[-1] * scale)))
-        return io.NodeOutput(latent, image_from_core(control))
+        return io.NodeOutput(lr_latent(lr.mean, lr.logvar), image_from_core(lr.control))
 
 
 class SMFSRSampler(io.ComfyNode):
@@ -169,22 +165,14 @@ class SMFSRSampler(io.ComfyNode):
     def execute(cls, smfsr_model, lr_latent, seed: int, steps: int, tile_size: int, tile_overlap: int,
                 conditioning=None) -> io.NodeOutput:
         try:
-            up = smfsr_model.sampler()
+            embeds, pooled = text_from_conditioning(conditioning) if conditioning is not None else (None, None)
             mean, logvar = moments_of(lr_latent)
-            embeds = pooled = None
-            if conditioning is not None:
-                embeds, pooled = text_from_conditioning(conditioning)
-            embeds, pooled = up.text(mean.shape[0], embeds, pooled)
-            up.check_tile(tile_size, tile_overlap)
-            latent = up.generate(mean.to(up.device), None if logvar is None else logvar.to(up.device),
-                                 seeds=[seed] * mean.shape[0], steps=steps, tile=tile_size, overlap=tile_overlap,
-                                 embeds=embeds, pooled=pooled, progress=progress_bar())
+            options = UpscaleOptions.from_widgets(seed=seed, steps=steps, tile_size=tile_size, tile_overlap=tile_overlap)
+            latent = smfsr_model.sampler().sample(LRLatent(mean, logvar), options, prompt_embeds=embeds,
+                                                  prompt_pooled=pooled, progress=progress_bar())
         except (SMFSRError, ValueError) as e:
             raise user_error(e) from None
-        out = {"samples": up.codec.denormalize(latent).float().cpu()}
-        if TARGET_KEY in lr_latent:
-            out[TARGET_KEY] = lr_latent[TARGET_KEY]
-        return io.NodeOutput(out)
+        return io.NodeOutput({"samples": latent.float().cpu()})
 
 
 class SMFSRTiledVAEDecode(io.ComfyNode):
@@ -195,14 +183,13 @@ class SMFSRTiledVAEDecode(io.ComfyNode):
             display_name="SMFSR Tiled VAE Decode",
             category=CATEGORY,
             description="Decodes a raw LATENT with SMFSR's exact tiled VAE: GroupNorm statistics pooled over all tiles, "
-                        "so the result equals an untiled decode (no seams, no colour shifts) with memory set by the tile.",
+                        "so the result equals an untiled decode (no seams, no colour shifts) with memory set by the tile. "
+                        "Works for any model's latents with that model's VAE.",
             inputs=[
-                io.Latent.Input("samples", tooltip="A LATENT from SMFSR Sampler (raw VAE space)."),
+                io.Latent.Input("samples", tooltip="A LATENT (raw VAE space), e.g. from SMFSR Sampler."),
                 io.Vae.Input("vae", optional=True, tooltip="A core VAE (e.g. from your SD3.5 checkpoint loader)."),
-                SMFSRModelType.Input("smfsr_model", optional=True,
-                                     tooltip="Or an SMFSR model with its own VAE (used when vae is empty)."),
-                io.Int.Input("tile_size", default=0, min=0, max=1024, step=8,
-                             tooltip="Tile core in latent px (x8 px of output); 0 = from free memory."),
+                model_input(optional=True, tooltip="Or an SMFSR model with its own VAE (used when vae is empty)."),
+                vae_tile_input("tile_size"),
                 io.Combo.Input("mode", options=["exact", "fast"], default="exact",
                                tooltip="exact: identical to untiled. fast: approximate statistics, per-tile attention."),
             ],
@@ -213,23 +200,16 @@ class SMFSRTiledVAEDecode(io.ComfyNode):
     def execute(cls, samples, tile_size: int, mode: str, vae=None, smfsr_model=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
-        from smfsr.codec import LatentCodec
-
         try:
             if vae is not None:
                 mm.load_models_gpu([vae.patcher])
                 module = vae.first_stage_model
-            elif smfsr_model is not None and smfsr_model.bundle.vae is not None:
-                mm.load_models_gpu(smfsr_model.patchers)
-                module = smfsr_model.bundle.vae
             else:
-                raise ValueError("connect a VAE, or an SMFSR model that contains its own VAE")
-            codec = LatentCodec(module, 1.0, 0.0, vae_tiling(tile_size, mode))  # raw latents: no scaling
-            if tile_size:
-                codec.tiling.threshold_pixels = 0
-            image = codec.decode(samples["samples"])
-            if TARGET_KEY in samples:
-                image = resize(image, *samples[TARGET_KEY])
+                module = smfsr_model.vae_module() if smfsr_model is not None else None
+                if module is None:
+                    raise ValueError("connect a VAE, or an SMFSR model that contains its own VAE")
+            tiling = UpscaleOptions.from_widgets(vae_tile=tile_size, vae_tile_mode=mode).vae_tiling
+            image = decode_latent(module, samples["samples"], tiling)
         except (SMFSRError, ValueError) as e:
             raise user_error(e) from None
         return io.NodeOutput(image_from_core(image))
@@ -242,21 +222,28 @@ class SMFSRColorFix(io.ComfyNode):
             node_id="SMFSRColorFix",
             display_name="SMFSR Color Fix",
             category=CATEGORY,
-            description="Takes colour from the reference (the LR image, resized to match) and detail from the image.",
+            description="Resizes the image to scale x the reference (the low-resolution input) and takes the reference's "
+                        "colour, keeping the image's detail: SMFSR's last stage.",
             inputs=[
-                io.Image.Input("image", tooltip="The super-resolved image."),
-                io.Image.Input("reference", tooltip="The low-resolution input (any size: it is resized bicubically)."),
-                io.Combo.Input("method", options=list(COLOR_FIXES), default="adain",
-                               tooltip="adain: match mean/std per channel; wavelet: swap the low-frequency band."),
+                io.Image.Input("image", tooltip="The super-resolved image (any size: it is resized bicubically)."),
+                io.Image.Input("reference", tooltip="The low-resolution input."),
+                color_fix_input(),
+                scale_input(),
+                model_input(optional=True, tooltip="The SMFSR model whose defaults 0 / auto take; without it, "
+                                                   "the official ones (x4, adain)."),
             ],
             outputs=[io.Image.Output()],
         )
 
     @classmethod
-    def execute(cls, image, reference, method: str) -> io.NodeOutput:
-        x = image_to_core(image)
-        ref = resize(image_to_core(reference), *x.shape[-2:])
-        return io.NodeOutput(image_from_core(color_fix(x, ref, method)))
+    def execute(cls, image, reference, color_fix: str, scale: float, smfsr_model=None) -> io.NodeOutput:
+        defaults = smfsr_model.defaults if smfsr_model is not None else PipelineDefaults()
+        try:
+            settings = UpscaleOptions.from_widgets(scale=scale, color_fix=color_fix).resolve(defaults, 1)
+        except SMFSRError as e:
+            raise user_error(e) from None
+        out = finish(image_to_core(image), image_to_core(reference), settings.scale, settings.color_fix)
+        return io.NodeOutput(image_from_core(out))
 
 
 class SMFSRUpscale(io.ComfyNode):
@@ -274,8 +261,7 @@ class SMFSRUpscale(io.ComfyNode):
                 scale_input(),
                 seed_input(),
                 *sampling_inputs(),
-                io.Combo.Input("color_fix", options=list(COLOR_FIXES), default="adain",
-                               tooltip="Colour correction toward the input: adain, wavelet or none."),
+                color_fix_input(),
                 vae_tile_input(),
             ],
             outputs=[io.Image.Output()],
@@ -285,11 +271,9 @@ class SMFSRUpscale(io.ComfyNode):
     def execute(cls, image, smfsr_model, scale: float, seed: int, steps: int, tile_size: int, tile_overlap: int,
                 color_fix: str, vae_tile: int, vae=None) -> io.NodeOutput:
         try:
-            up = smfsr_model.upscaler_for(vae, vae_tiling(vae_tile, "exact"))
-            options = UpscaleOptions(scale=scale, seed=seed, steps=steps, tile_size=tile_size, tile_overlap=tile_overlap,
-                                     color_fix=color_fix)
-            x = image_to_core(image)
-            out = up.upscale_tensor(x, options, seeds=[seed] * x.shape[0], progress=progress_bar())
+            options = UpscaleOptions.from_widgets(scale=scale, seed=seed, steps=steps, tile_size=tile_size,
+                                                  tile_overlap=tile_overlap, color_fix=color_fix, vae_tile=vae_tile)
+            out = smfsr_model.upscaler_for(vae).upscale_tensor(image_to_core(image), options, progress=progress_bar())
         except (SMFSRError, ValueError) as e:
             raise user_error(e) from None
         return io.NodeOutput(image_from_core(out))

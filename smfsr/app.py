@@ -13,9 +13,9 @@ import tempfile
 import threading
 from pathlib import Path
 
+from .checkpoint.catalog import ModelEntry, find_models
+from .checkpoint.default_model import REPO_MODELS
 from .errors import SMFSRError
-from .models.catalog import ModelEntry, find_models
-from .models.default import REPO_MODELS
 
 LOOPBACK = "127.0.0.1"
 
@@ -51,9 +51,11 @@ def model_entries(model: str | None, models_dir: str | None) -> list[ModelEntry]
     entries = find_models(([Path(models_dir)] if models_dir else []) + [REPO_MODELS])
     if model:
         path = Path(model).resolve()
+        if not path.exists():
+            raise SMFSRError(f"{model}: no such file or folder")
         chosen = [e for e in find_models([path.parent]) if e.path.resolve() == path]
         if not chosen:
-            raise SMFSRError(f"{model} is not an SMFSR bundle or official folder")
+            raise SMFSRError(f"{model} is not an SMFSR bundle or official folder (`smfsr info {model}` says what it is)")
         entries = chosen + [e for e in entries if e.path.resolve() != path]
     if not entries:
         raise SMFSRError("no SMFSR models found: pass --model FILE or --models-dir DIR")
@@ -65,8 +67,9 @@ def upscale_files(models: Models, files: list, model_name: str, scale: float, se
     """The Run button: upscale every file; return (before, after) of the first, the PNGs, a note."""
     import gradio as gr
 
-    from .imageio import from_pil, open_image
-    from .pipeline import UpscaleOptions, resize
+    from .imageio import from_pil, open_image, to_pil
+    from .options import UpscaleOptions
+    from .pipeline import resize
 
     if not files:
         raise gr.Error("Drop or pick an image first.")
@@ -75,7 +78,11 @@ def upscale_files(models: Models, files: list, model_name: str, scale: float, se
     except SMFSRError as e:
         raise gr.Error(f"The model could not be loaded: {e}") from None
     out_dir = Path(tempfile.mkdtemp(prefix="smfsr-app-"))
-    options = UpscaleOptions(scale=float(scale), seed=int(seed), steps=int(steps), tile_size=int(tile), color_fix=color_fix)
+    try:
+        settings = upscaler.settings(UpscaleOptions.from_widgets(scale=scale, seed=seed, steps=steps, tile_size=tile,
+                                                                 color_fix=color_fix))
+    except SMFSRError as e:
+        raise gr.Error(str(e)) from None
     results, notes, slider = [], [], None
     for index, file in enumerate(files):
         path = Path(file if isinstance(file, str) else file.name)
@@ -89,22 +96,20 @@ def upscale_files(models: Models, files: list, model_name: str, scale: float, se
             progress((i + done / total) / len(files), desc=f"{path.name}: tile {done}/{total}")
 
         try:
-            result = upscaler.upscale_image(image, options, progress=tick)
+            result = upscaler.upscale_image(image, settings, progress=tick)
         except SMFSRError as e:
             notes.append(f"**{path.name}**: {e}")
             continue
-        target = out_dir / f"{path.stem}_smfsr_x{scale:g}.png"
+        target = out_dir / f"{path.stem}_smfsr_x{settings.scale:g}.png"
         result.save(target)
         results.append(str(target))
         notes += [f"{path.name}: {n}" for n in image.notes]
         if slider is None:  # before = the input, bicubic to the output size: the same zoom
-            from .imageio import to_pil
-
             before = to_pil(resize(image.rgb[None], result.height, result.width)[0])
             slider = (before, result.convert("RGB"))
     if not results:
         raise gr.Error("No image could be upscaled. " + " ".join(notes))
-    note = f"Upscaled {len(results)} of {len(files)} image(s) with seed {int(seed)}."
+    note = f"Upscaled {len(results)} of {len(files)} image(s) with seed {settings.seed}, {settings.steps} step(s)."
     return slider, results, "\n\n".join([note] + notes)
 
 
@@ -122,9 +127,10 @@ def build(models: Models):
                 with gr.Row():
                     seed = gr.Number(0, precision=0, label="Seed", minimum=0)
                     dice = gr.Button("Random seed", scale=0, min_width=90, elem_id="smfsr-dice")
-                steps = gr.Slider(1, 8, value=1, step=1, label="Steps (1 = one-step, as trained)")
-                tile = gr.Slider(0, 256, value=64, step=8, label="Latent tile (0 = whole image)")
-                color = gr.Radio(["adain", "wavelet", "none"], value="adain", label="Colour fix")
+                steps = gr.Slider(0, 8, value=0, step=1, label="Steps (0 = the model's default, one step)")
+                tile = gr.Slider(0, 256, value=0, step=4, label="Latent tile (0 = the model's default)")
+                color = gr.Radio(["auto", "adain", "wavelet", "none"], value="auto",
+                                 label="Colour fix (auto = the model's default)")
                 with gr.Row():
                     run = gr.Button("Upscale", variant="primary", elem_id="smfsr-run")
                     cancel = gr.Button("Cancel", elem_id="smfsr-cancel")
@@ -145,6 +151,9 @@ def build(models: Models):
 
 def serve(model: str | None, models_dir: str | None, host: str, port: int | None, device: str | None,
           dtype: str | None, block: bool = True):
+    from .devices import parse_device, parse_dtype
+
+    parse_dtype(dtype, parse_device(device))  # an unusable device or dtype is said before the page starts
     models = Models(model_entries(model, models_dir), device, dtype)
     if host != LOOPBACK:
         print(f"warning: serving on {host}: anyone who can reach this machine can use the app (there is no login)")

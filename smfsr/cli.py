@@ -1,7 +1,9 @@
-"""The ``smfsr`` command: upscale images, inspect and convert models.
+"""The ``smfsr`` command: upscale images, inspect and convert models, serve the app.
 
 Exit status: 0 when everything succeeded, 1 when some images failed (the rest still finished),
-2 for a usage or model error. User errors print one clear line, never a traceback.
+2 for a usage or model error. User errors print one clear line, never a traceback. Everything that
+can be checked without the model (options, files, the output folder) is checked before torch is
+imported; the device and the model's own limits before the weights load.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ import glob
 import logging
 import os
 import sys
+import tempfile
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
@@ -56,6 +60,19 @@ def output_path(source_rel: Path, out: Path, single: bool) -> Path:
     return out / source_rel.with_suffix(".png")
 
 
+def check_writable(folders: set[Path]) -> None:
+    """Each output folder exists (made if need be) and takes a new file; probed for real, since a
+    permission check says nothing on a read-only file system or as root."""
+    for folder in sorted(folders):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryFile(dir=folder, prefix=".smfsr-probe-"):
+                pass
+        except OSError as e:
+            raise SMFSRError(f"cannot write to the output folder {folder} ({e.strerror or e}); "
+                             "choose another -o") from None
+
+
 def shard(items: list, rank: int, world: int) -> list:
     """This process's share of the inputs under ``accelerate launch`` / ``torchrun``."""
     return items[rank::world]
@@ -67,65 +84,112 @@ def distributed_rank() -> tuple[int, int, int]:
     return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
 
 
+@dataclass
+class Job:
+    source: Path
+    target: Path
+
+
+def plan_jobs(args: argparse.Namespace, rank: int, world: int) -> tuple[list[Job], list[Job], list[Job]]:
+    """(to do, skipped because the output exists, refused because it exists) for this process."""
+    found = expand_inputs(args.inputs)
+    single = len(found) == 1
+    out = Path(args.output)
+    jobs = [Job(src, output_path(rel, out, single)) for src, rel in found]
+    targets = [job.target for job in jobs]
+    if len(set(targets)) != len(targets):
+        raise SMFSRError("two inputs would write the same output file (same name in different folders?); use folders")
+    jobs = shard(jobs, rank, world)
+    exists = [job for job in jobs if job.target.exists() and not args.overwrite]
+    todo = [job for job in jobs if job not in exists]
+    return todo, (exists if args.skip_existing else []), ([] if args.skip_existing else exists)
+
+
+def write_png(image, target: Path) -> None:
+    """Write through a temporary file in the same folder, so a failed write leaves nothing behind
+    and never a half-written file in place of one the user had."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        image.save(tmp, format="PNG")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 # --------------------------------------------------------------------------------------------
 # commands
 
 
+def upscale_options(args: argparse.Namespace):
+    from .options import UpscaleOptions, VAETiling
+
+    return UpscaleOptions(scale=args.scale, seed=args.seed, steps=args.steps, tile_size=args.tile_size,
+                          tile_overlap=args.tile_overlap, color_fix=args.color_fix,
+                          vae_tiling=VAETiling.parse(args.vae_tile, args.vae_tile_mode)).check()
+
+
 def cmd_upscale(args: argparse.Namespace) -> int:
+    rank, world, local_rank = distributed_rank()
+    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    options = upscale_options(args)  # usage errors first: no torch, no model
+    todo, skipped, refused = plan_jobs(args, rank, world)
+    for job in skipped:
+        _say(args, f"{tag}{job.source}: {job.target} exists, skipped")
+    for job in refused:
+        print(f"error: {tag}{job.source}: {job.target} already exists (use --overwrite to replace it, "
+              "--skip-existing to skip)", file=sys.stderr)
+    check_writable({job.target.parent for job in todo})
+    failed = upscale_jobs(args, options, todo, tag, local_rank if world > 1 else None) if todo else 0
+    failures = failed + len(refused)
+    summary = f"{tag}{len(todo) - failed} of {len(todo) + len(skipped) + len(refused)} images upscaled"
+    summary += f", {len(skipped)} skipped (output exists)" if skipped else ""
+    summary += f", {failures} failed" if failures else ""
+    _say(args, summary)
+    return EXIT_OK if failures == 0 else EXIT_SOME_FAILED
+
+
+def upscale_jobs(args: argparse.Namespace, options, jobs: list[Job], tag: str, local_rank: int | None) -> int:
+    """Load the model (after checking the device and the options against it) and run the jobs;
+    returns the number that failed."""
     import torch
 
+    from .devices import parse_device, parse_dtype
+
+    device_name = args.device
+    if device_name is None and local_rank is not None and torch.cuda.is_available():
+        device_name = f"cuda:{local_rank}"
+    device = parse_device(device_name)
+    dtype = parse_dtype(args.dtype, device)
+
+    from .checkpoint import peek_model
+    from .checkpoint.default_model import default_model_path
     from .imageio import from_pil, open_image
-    from .pipeline import SMFSRUpscaler, UpscaleOptions
-    from .tiling.vae import VAETiling
+    from .pipeline import SMFSRUpscaler
 
-    rank, world, local_rank = distributed_rank()
-    jobs = expand_inputs(args.inputs)
-    single = len(jobs) == 1
-    out = Path(args.output)
-    plan = [(src, output_path(rel, out, single)) for src, rel in jobs]
-    targets = [dst for _, dst in plan]
-    if len(set(targets)) != len(targets):
-        raise SMFSRError("two inputs would write the same output file (same name in different folders?); use folders")
-    plan = shard(plan, rank, world)
-
-    device = args.device
-    if device is None and world > 1 and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
-    vae_tiling = None if args.vae_tile == "off" else VAETiling(
-        mode=args.vae_tile_mode,
-        decoder_tile=None if args.vae_tile == "auto" else int(args.vae_tile),
-        encoder_tile=None if args.vae_tile == "auto" else int(args.vae_tile) * 8,
-        threshold_pixels=0 if args.vae_tile not in ("auto",) else VAETiling().threshold_pixels,
-    )
-    upscaler = SMFSRUpscaler.from_pretrained(args.model, device=device, dtype=args.dtype, vae=args.vae,
-                                             prompt=args.prompt, vae_tiling=vae_tiling)
-    if vae_tiling is None:
-        upscaler.codec.tiling = None
-    options = UpscaleOptions(scale=args.scale, seed=args.seed, steps=args.steps, tile_size=args.tile_size,
-                             tile_overlap=args.tile_overlap, color_fix=args.color_fix)
-    tag = f"[rank {rank}/{world}] " if world > 1 else ""
+    model = args.model or default_model_path()
+    config, defaults = peek_model(model)
+    options.resolve(defaults, int(config["patch_size"]))  # the model's limits, before its weights load
+    upscaler = SMFSRUpscaler.from_pretrained(model, device=device, dtype=dtype, vae=args.vae, prompt=args.prompt)
+    settings = upscaler.settings(options)
     failures = 0
-    for index, (src, dst) in enumerate(plan, 1):
-        label = f"{tag}[{index}/{len(plan)}] {src}"
-        if dst.exists() and not args.overwrite:
-            if args.skip_existing:
-                _say(args, f"{label}: {dst} exists, skipped")
-                continue
-            print(f"error: {label}: {dst} already exists (use --overwrite to replace it, --skip-existing to skip)",
-                  file=sys.stderr)
-            failures += 1
-            continue
+    for index, job in enumerate(jobs, 1):
+        label = f"{tag}[{index}/{len(jobs)}] {job.source}"
         try:
-            image = from_pil(open_image(src, max_pixels=args.max_pixels))
+            image = from_pil(open_image(job.source, max_pixels=args.max_pixels))
             for note in image.notes:
                 _say(args, f"{label}: {note}")
             with _progress_bar(args, label) as bar:
-                result = upscaler.upscale_image(image, options, progress=bar)
-            dst.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dst.with_name(f".{dst.name}.tmp")
-            result.save(tmp, format="PNG")
-            os.replace(tmp, dst)
-            _say(args, f"{label} -> {dst} ({result.width}x{result.height})")
+                result = upscaler.upscale_image(image, settings, progress=bar)
+            if args.rgb:
+                result = result.convert("RGBA" if "A" in result.getbands() else "RGB")
+            try:
+                write_png(result, job.target)
+            except OSError as e:
+                raise SMFSRError(f"could not write {job.target} ({e.strerror or e}); nothing was written") from None
+            _say(args, f"{label} -> {job.target} ({result.width}x{result.height})")
         except SMFSRError as e:
             failures += 1
             print(f"error: {label}: {e}", file=sys.stderr)
@@ -134,9 +198,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
             print(f"error: {label}: unexpected {type(e).__name__}: {e}", file=sys.stderr)
             if args.debug:
                 traceback.print_exc()
-    done = len(plan) - failures
-    _say(args, f"{tag}{done} of {len(plan)} images upscaled" + (f", {failures} failed" if failures else ""))
-    return EXIT_OK if failures == 0 else EXIT_SOME_FAILED
+    return failures
 
 
 class _progress_bar:
@@ -179,7 +241,7 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
-    from .checkpoint import describe
+    from .checkpoint.describe import describe
 
     print(describe(args.model))
     return EXIT_OK
@@ -190,6 +252,8 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
     from .checkpoint import Bundle, PipelineDefaults, import_official_transformer, import_vae, read_prompt_file, save_bundle
 
+    if Path(args.output).exists() and not args.overwrite:
+        raise SMFSRError(f"{args.output} already exists; choose another name or pass --overwrite")
     transformer = import_official_transformer(args.transformer)
     vae = import_vae(args.vae) if args.vae else None
     embeds = pooled = None
@@ -208,12 +272,41 @@ def cmd_convert(args: argparse.Namespace) -> int:
 
 
 # --------------------------------------------------------------------------------------------
+# argument types: a bad value is a usage error (exit 2, one line) before anything loads
+
+
+def _number(kind, what: str, low: float, *, inclusive: bool):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, not {text!r}") from None
+        if value < low or (value == low and not inclusive):
+            bound = f"at least {low:g}" if inclusive else f"greater than {low:g}"
+            raise argparse.ArgumentTypeError(f"{what} must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+def _device(text: str) -> str:
+    import re
+
+    if not re.fullmatch(r"(cpu|cuda(:\d+)?|mps|xpu(:\d+)?|auto)", text):
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N")
+    return text
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line and exit 2, with the command to get help
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(EXIT_ERROR)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="smfsr", description="SMFSR one-step diffusion super-resolution")
+    parser = _Parser(prog="smfsr", description="SMFSR one-step diffusion super-resolution")
     parser.add_argument("--version", action="version", version=f"smfsr {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     up = sub.add_parser("upscale", help="upscale images, folders or globs")
     up.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or globs")
@@ -221,22 +314,30 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", help="SMFSR bundle (.safetensors) or official folder (default: the bundled model)")
     up.add_argument("--vae", help="a diffusers VAE folder or file, for models without their own")
     up.add_argument("--prompt", help="prompt embeddings (.safetensors with 'embeds' and 'pooled')")
-    up.add_argument("--scale", type=float, help="output size / input size (default: the model's factor)")
+    up.add_argument("--scale", type=_number(float, "--scale", 0, inclusive=False),
+                    help="output size / input size, at most 16 (default: the model's factor)")
     up.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same result (default 0)")
-    up.add_argument("--steps", type=int, help="mean-flow steps (default: the model's, 1)")
-    up.add_argument("--tile-size", type=int, help="latent tile size in latent pixels, 0 = no tiling (default: model's)")
-    up.add_argument("--tile-overlap", type=int, help="latent tile overlap in latent pixels (default: model's)")
-    up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="colour correction (default: model's)")
+    up.add_argument("--steps", type=_number(int, "--steps", 1, inclusive=True),
+                    help="mean-flow steps (default: the model's, 1)")
+    up.add_argument("--tile-size", type=_number(int, "--tile-size", 0, inclusive=True),
+                    help="latent tile in latent px, 0 = the whole latent at once (default: the model's)")
+    up.add_argument("--tile-overlap", type=_number(int, "--tile-overlap", 0, inclusive=True),
+                    help="latent tile overlap in latent px (default: the model's, in proportion to the tile)")
+    up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="colour correction (default: the model's)")
     up.add_argument("--vae-tile", default="auto",
-                    help="VAE decoder tile core in latent px (encoder: x8 px); 'auto' tiles large images "
-                         "with a size from free memory; 'off' never tiles (default auto)")
+                    help="VAE tile in latent px (the encoder takes the same area in image px); 'auto' tiles "
+                         "large images with a size from free memory; 'off' never tiles (default auto)")
     up.add_argument("--vae-tile-mode", choices=["exact", "fast"], default="exact",
                     help="exact: tiled == untiled; fast: approximate GroupNorm statistics, per-tile attention")
-    up.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    up.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16 (default: bf16/fp16 on GPU, fp32 on CPU)")
-    up.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    up.add_argument("--skip-existing", action="store_true", help="skip inputs whose output exists")
-    up.add_argument("--max-pixels", type=int, default=8192 * 8192, help="refuse larger inputs (default 64 MP)")
+    up.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    up.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+                    help="auto: bf16/fp16 on GPU, fp32 on CPU")
+    up.add_argument("--rgb", action="store_true", help="write RGB even for grayscale inputs (default: like the input)")
+    exists = up.add_mutually_exclusive_group()
+    exists.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    exists.add_argument("--skip-existing", action="store_true", help="skip inputs whose output exists")
+    up.add_argument("--max-pixels", type=_number(int, "--max-pixels", 1, inclusive=True), default=8192 * 8192,
+                    help="refuse larger inputs (default 64 MP)")
     up.add_argument("-q", "--quiet", action="store_true")
     up.add_argument("--debug", action="store_true", help="print tracebacks for unexpected errors")
     up.set_defaults(func=cmd_upscale)
@@ -246,8 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--models-dir", help="a folder of SMFSR models to list")
     app.add_argument("--host", default="127.0.0.1", help="address to serve on (default loopback; others expose the app)")
     app.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
-    app.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
-    app.add_argument("--dtype", default="auto", help="auto, fp32, bf16, fp16")
+    app.add_argument("--device", type=_device, help="cpu, cuda, ... (default: cuda if available)")
+    app.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
     app.set_defaults(func=cmd_app)
 
     info = sub.add_parser("info", help="describe a model file or folder")
@@ -259,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--vae", help="diffusers VAE folder or file (e.g. stable-diffusion-3.5-medium/vae)")
     conv.add_argument("--prompt-embeds", help=".safetensors with 'embeds' (1, L, 4096) and 'pooled' (1, 2048)")
     conv.add_argument("--prompt-text", help="the prompt those embeddings encode (stored as a note)")
-    conv.add_argument("--upscale", type=int, default=4)
+    conv.add_argument("--upscale", type=_number(int, "--upscale", 1, inclusive=True), default=4)
     conv.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
     conv.add_argument("--license", default="see the original model's licence")
     conv.add_argument("-o", "--output", required=True)
@@ -271,7 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:
+        return int(e.code or 0)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
         return args.func(args)

@@ -1,8 +1,10 @@
 """Images in and out: PIL and files <-> the core's (3, H, W) float tensors in [0, 1].
 
 Every mode PIL opens is accepted. Transparency is kept: the alpha channel is split off, upscaled
-on its own with bicubic interpolation (the network only sees RGB) and put back. High bit depth
-(16-bit grayscale) is read at full precision; outputs are 8-bit, and the caller is told.
+on its own with bicubic interpolation (the network only sees RGB) and put back. A grayscale input
+gives a grayscale output (the network sees it as RGB). 16-bit grayscale is read at full precision;
+16-bit colour PNGs reach PIL as 8 bits per channel, and the caller is told. Outputs are 8-bit.
+torch is imported only by the functions that make tensors, so listing files stays light.
 """
 
 from __future__ import annotations
@@ -12,11 +14,15 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from .errors import ImageError
+
+if TYPE_CHECKING:
+    import torch
 
 MIN_SIDE = 8
 MAX_INPUT_PIXELS = 8192 * 8192  # larger inputs are almost certainly a mistake at x4 (a 1 GP output)
@@ -30,6 +36,7 @@ class RGBAlpha:
     rgb: torch.Tensor  # (3, H, W) float32 in [0, 1]
     alpha: torch.Tensor | None = None  # (1, H, W) float32 in [0, 1], None when opaque
     notes: list[str] = field(default_factory=list)  # what was converted, for the user
+    gray: bool = False  # a grayscale input: the result is written as grayscale too
 
 
 def check_size(width: int, height: int, name: str = "image", max_pixels: int = MAX_INPUT_PIXELS) -> None:
@@ -65,10 +72,25 @@ def open_image(path: str | os.PathLike, max_pixels: int = MAX_INPUT_PIXELS) -> I
         raise ImageError(f"{path} is too large to decode safely; check the file or downscale it") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ImageError(f"{path} could not be decoded ({e}); the file may be truncated or damaged") from None
-    return ImageOps.exif_transpose(image)  # honour camera orientation, as viewers do
+    note = _colour_depth_note(path)
+    image = ImageOps.exif_transpose(image)  # honour camera orientation, as viewers do
+    if note:
+        image.info["smfsr_note"] = note
+    return image
 
 
-def _high_depth_gray(image: Image.Image) -> torch.Tensor:
+def _colour_depth_note(path: Path) -> str | None:
+    """A 16-bit colour PNG (IHDR bit depth 16, colour type 2 or 6): PIL decodes it to 8 bits."""
+    with open(path, "rb") as f:
+        head = f.read(26)
+    if head[:8] == b"\x89PNG\r\n\x1a\n" and head[12:16] == b"IHDR" and head[24] == 16 and head[25] in (2, 6):
+        return "16-bit colour PNG: read at 8 bits per channel (PIL cannot decode 16-bit colour); the output is 8-bit"
+    return None
+
+
+def _high_depth_gray(image: Image.Image) -> "torch.Tensor":
+    import torch
+
     array = np.asarray(image, dtype=np.float64)
     if image.mode == "F":
         scale = 1.0 if array.max(initial=0) <= 1.0 else 255.0 if array.max() <= 255 else 65535.0
@@ -77,14 +99,20 @@ def _high_depth_gray(image: Image.Image) -> torch.Tensor:
     return torch.from_numpy(np.clip(array / scale, 0, 1)).float()[None].expand(3, -1, -1).clone()
 
 
+GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+
+
 def from_pil(image: Image.Image) -> RGBAlpha:
     """Any PIL mode -> RGB (+ alpha), with notes on what was done."""
-    notes: list[str] = []
+    import torch
+
+    notes: list[str] = [image.info["smfsr_note"]] if "smfsr_note" in image.info else []
     check_size(*image.size)
     mode = image.mode
+    gray = mode in GRAY_MODES
     if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N", "F"):
-        notes.append(f"{mode} (high bit depth grayscale) was read at full precision; the output is 8-bit RGB")
-        return RGBAlpha(_high_depth_gray(image), None, notes)
+        notes.append(f"{mode} (high bit depth grayscale) was read at full precision; the output is 8-bit grayscale")
+        return RGBAlpha(_high_depth_gray(image), None, notes, gray=True)
     has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in image.info)
     if has_alpha:
         rgba = image.convert("RGBA")
@@ -95,18 +123,24 @@ def from_pil(image: Image.Image) -> RGBAlpha:
             alpha = None
         else:
             notes.append(f"{mode}: the alpha channel was upscaled separately (bicubic) and kept")
-        return RGBAlpha(rgb, alpha, notes)
-    if mode != "RGB":
+        return RGBAlpha(rgb, alpha, notes, gray=gray)
+    if mode not in ("RGB", "L"):
         notes.append(f"{mode} was converted to RGB")
     rgb = torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0).permute(2, 0, 1).contiguous()
-    return RGBAlpha(rgb, None, notes)
+    return RGBAlpha(rgb, None, notes, gray=gray)
 
 
-def to_pil(rgb: torch.Tensor, alpha: torch.Tensor | None = None) -> Image.Image:
-    """(3, H, W) [+ (1, H, W)] in [0, 1] -> 8-bit RGB or RGBA PIL image (rounded, not truncated)."""
+def to_pil(rgb: "torch.Tensor", alpha: "torch.Tensor | None" = None, *, gray: bool = False) -> Image.Image:
+    """(3, H, W) [+ (1, H, W)] in [0, 1] -> 8-bit PIL image (rounded, not truncated): RGB or RGBA,
+    or with ``gray`` L or LA (ITU-R 601 luma, as PIL converts)."""
+    import torch
+
     channels = rgb if alpha is None else torch.cat([rgb, alpha], 0)
     array = (channels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
-    return Image.fromarray(array, "RGB" if alpha is None else "RGBA")
+    image = Image.fromarray(array, "RGB" if alpha is None else "RGBA")
+    if gray:
+        image = image.convert("L" if alpha is None else "LA")
+    return image
 
 
 def is_image_path(path: Path) -> bool:

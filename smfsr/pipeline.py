@@ -1,22 +1,29 @@
-"""``SMFSRUpscaler``: the whole upscale, the one implementation every door calls.
+"""``SMFSRUpscaler``: the whole upscale as four public stages, the one implementation every door calls.
 
-Steps (official inference, method.md 3):
+    settings = upscaler.settings(options)            # the model's defaults fill what the call leaves open
+    lr       = upscaler.encode(images, settings)     # 1. the LR posterior (raw VAE space)
+    latent   = upscaler.sample(lr, settings, seeds)  # 2. noise-started mean-flow steps (raw VAE space)
+    decoded  = upscaler.decode(latent, settings)     # 3. the image at the working size
+    output   = upscaler.finish(decoded, images, settings)  # 4. resize to scale x input, colour fix
+
+``upscale_tensor`` is exactly those calls; each modular ComfyUI node makes one of them.
+
+Official inference (method.md 3), stage by stage:
   1. LR images smaller than process_size / factor on their short side are first enlarged (bicubic);
-  2. bicubic x factor, then to a multiple of the latent grid (VAE factor x patch size);
-  3. VAE-encode that "control" image -> the LR posterior (mean, log-variance);
-  4. from the user's seed: noise e ~ N(0, I) for the whole latent (tiles take crops of it), then
-     the LR posterior sample, normalised (``generate``);
-  5. 1..N mean-flow steps (x = e - u(e, 0, 1) for one step), the net run on Gaussian-blended
-     latent tiles; a flow teacher is integrated with Euler steps instead;
-  6. VAE-decode (tiled above a size threshold), resize to exactly scale x the input size;
-  7. colour fix toward the input image at that size (AdaIN / wavelet / none).
+     then bicubic x factor to a multiple of the latent grid (VAE factor x patch size), and the VAE
+     encodes that "control" image to the LR posterior (mean, log-variance);
+  2. from the user's seed: noise e ~ N(0, I) for the whole latent (tiles take crops of it), then the
+     LR posterior sample; 1..N mean-flow steps (x = e - u(e, 0, 1) for one step) with the net on
+     Gaussian-blended latent tiles; a flow teacher is integrated with Euler steps instead;
+  3. VAE decode (tiled per the settings);
+  4. resize to exactly scale x the input size and colour-fix toward the input at that size.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -26,52 +33,16 @@ from PIL import Image
 from . import meanflow
 from .checkpoint import Bundle, load_model, to_device
 from .codec import LatentCodec, LatentScale
-from .color import COLOR_FIXES, color_fix
+from .devices import parse_device, parse_dtype
+from .color import color_fix
 from .errors import SMFSRError
 from .imageio import RGBAlpha, check_size, from_pil, to_pil
-from .tiling.latent import tiled_apply
-from .tiling.vae import VAETiling
+from .options import Settings, UpscaleOptions, VAETiling
+from .tiling.latent import tile_grid, tiled_apply
 
 log = logging.getLogger("smfsr")
 ProgressFn = Callable[[int, int], None]
 MIN_LATENT_TILE = 16  # the out-of-memory retry halves the latent tile down to this
-
-
-@dataclass
-class UpscaleOptions:
-    """Per-call settings; ``None`` means the model's stored default."""
-
-    scale: float | None = None
-    seed: int = 0
-    steps: int | None = None
-    tile_size: int | None = None  # latent px; 0 disables latent tiling
-    tile_overlap: int | None = None
-    color_fix: str | None = None
-    vae_tiling: VAETiling | None = None
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-
-
-def default_dtype(device: torch.device) -> torch.dtype:
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
-
-
-def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    if name in (None, "auto"):
-        return default_dtype(device)
-    table = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16, "float16": torch.float16,
-             "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
-    if name not in table:
-        raise SMFSRError(f"unknown dtype {name!r}; use auto, fp32, fp16 or bf16")
-    if table[name] == torch.float16 and device.type == "cpu":
-        raise SMFSRError("fp16 is not supported on the CPU; use fp32 or bf16")
-    return table[name]
 
 
 def resize(image: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -90,24 +61,49 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], draws: int = 1) -> 
     return [torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators]) for _ in range(draws)]
 
 
+def output_size(height: int, width: int, scale: float) -> tuple[int, int]:
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
+def decode_latent(vae: torch.nn.Module, latent: torch.Tensor, tiling: VAETiling | None) -> torch.Tensor:
+    """Stage 3 for any VAE (diffusers or ldm-named): raw latents -> images in [0, 1]."""
+    return LatentCodec.raw(vae).decode_raw(latent, tiling)
+
+
+def finish(decoded: torch.Tensor, reference: torch.Tensor, scale: float, method: str) -> torch.Tensor:
+    """Stage 4: ``decoded`` resized to exactly ``scale`` x the reference (the LR input) and colour-fixed
+    toward the reference at that size (AdaIN / wavelet / none). Images (B, 3, H, W) in [0, 1]."""
+    out_h, out_w = output_size(*reference.shape[-2:], scale)
+    out = resize(decoded.float(), out_h, out_w)
+    return color_fix(out, resize(reference.to(out.device, torch.float32), out_h, out_w), method).cpu()
+
+
+@dataclass
+class LRLatent:
+    """Stage 1's result: the LR posterior in raw VAE space, and the image it encodes."""
+
+    mean: torch.Tensor  # (B, C, h, w)
+    logvar: torch.Tensor | None = None  # None: a plain VAE encoding, its mean used as is
+    control: torch.Tensor | None = None  # the bicubic-upsampled LR image at the working size, (B, 3, H, W)
+
+
 class SMFSRUpscaler:
     """Noise-started one-step super-resolution with an SMFSR bundle."""
 
-    def __init__(self, bundle: Bundle, *, vae_tiling: VAETiling | None = None,
-                 codec: LatentCodec | LatentScale | None = None):
-        """``codec`` replaces the bundle's VAE (e.g. a host's VAE); one of the two is required. A
-        ``LatentScale`` allows sampling only (``generate``), for latents a host's VAE encodes."""
-        if bundle.vae is None and codec is None:
+    def __init__(self, bundle: Bundle, *, vae: torch.nn.Module | None = None, sampling_only: bool = False):
+        """``vae`` replaces the bundle's VAE (a host's, diffusers- or ldm-named); ``sampling_only``
+        makes an upscaler without one, for stage 2 on latents a host's VAE encoded."""
+        vae = vae if vae is not None else bundle.vae
+        d = bundle.defaults
+        if vae is None and not sampling_only:
             raise SMFSRError(
                 f"{bundle.source or 'this model'} has no VAE. Pass one (--vae path/to/stable-diffusion-3.5-medium/vae), "
                 "or use a bundle that contains its VAE."
             )
-        self.bundle = bundle
-        self.transformer = bundle.transformer
-        self.defaults = bundle.defaults
-        self.codec = codec or LatentCodec(bundle.vae, self.defaults.vae_scaling_factor, self.defaults.vae_shift_factor,
-                                          vae_tiling or VAETiling())
-        if self.codec.vae is not None and self.codec.latent_channels != self.transformer.config.in_channels:
+        self.bundle, self.transformer, self.defaults = bundle, bundle.transformer, d
+        self.scale = LatentScale(d.vae_scaling_factor, d.vae_shift_factor)
+        self.codec = LatentCodec(d.vae_scaling_factor, d.vae_shift_factor, vae) if vae is not None else None
+        if self.codec is not None and self.codec.latent_channels != self.transformer.config.in_channels:
             raise SMFSRError(
                 f"the VAE has {self.codec.latent_channels} latent channels but the network expects "
                 f"{self.transformer.config.in_channels}; use the VAE the model was trained with "
@@ -115,28 +111,15 @@ class SMFSRUpscaler:
             )
         self.prompt_embeds, self.prompt_pooled = bundle.prompt_embeds, bundle.prompt_pooled
 
-    def with_vae(self, vae: torch.nn.Module, tiling: VAETiling | None = None) -> "SMFSRUpscaler":
-        """The same model with another VAE (diffusers or ldm-named), normalised with this model's
-        latent scale and shift."""
-        codec = LatentCodec(vae, self.defaults.vae_scaling_factor, self.defaults.vae_shift_factor, tiling or VAETiling())
-        return SMFSRUpscaler(self.bundle, codec=codec)
-
     @classmethod
-    def from_pretrained(
-        cls,
-        path: str | os.PathLike | None = None,
-        *,
-        device: str | torch.device | None = None,
-        dtype: str | torch.dtype | None = None,
-        vae: str | os.PathLike | None = None,
-        prompt: str | os.PathLike | None = None,
-        vae_tiling: VAETiling | None = None,
-    ) -> "SMFSRUpscaler":
+    def from_pretrained(cls, path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
+                        dtype: str | torch.dtype | None = None, vae: str | os.PathLike | None = None,
+                        prompt: str | os.PathLike | None = None) -> "SMFSRUpscaler":
         """Load a bundle or an official folder; ``vae`` / ``prompt`` supply parts the model lacks."""
-        device = torch.device(device) if device is not None else default_device()
+        device = parse_device(device)
         dtype = parse_dtype(dtype, device)
         if path is None:
-            from .models.default import default_model_path
+            from .checkpoint.default_model import default_model_path
 
             path = default_model_path()
         bundle = load_model(path)
@@ -150,7 +133,7 @@ class SMFSRUpscaler:
             from .checkpoint import read_prompt_file
 
             bundle.prompt_embeds, bundle.prompt_pooled = read_prompt_file(prompt)
-        return cls(to_device(bundle, device, dtype), vae_tiling=vae_tiling)
+        return cls(to_device(bundle, device, dtype))
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -166,11 +149,18 @@ class SMFSRUpscaler:
         return int(self.defaults.upscale)
 
     @property
-    def grid(self) -> int:
-        """Pixel multiple of the latent grid: VAE downscale x transformer patch size."""
-        return self.codec.downscale * self.transformer.config.patch_size
+    def patch_size(self) -> int:
+        return int(self.transformer.config.patch_size)
 
-    def text(self, batch: int, embeds: torch.Tensor | None, pooled: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def settings(self, options: UpscaleOptions | Settings | None = None) -> Settings:
+        """What runs for these options: the model's defaults fill what they leave open."""
+        if isinstance(options, Settings):
+            return options
+        return (options or UpscaleOptions()).resolve(self.defaults, self.patch_size)
+
+    def text(self, batch: int, embeds: torch.Tensor | None = None,
+             pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The prompt embedding for a batch: the one given, else the model's stored one."""
         embeds = self.prompt_embeds if embeds is None else embeds
         pooled = self.prompt_pooled if pooled is None else pooled
         if embeds is None or pooled is None:
@@ -185,169 +175,120 @@ class SMFSRUpscaler:
         pooled = pooled.to(self.device, self.dtype)
         return embeds.expand(batch, -1, -1), pooled.expand(batch, -1)
 
-    # ----------------------------------------------------------------------------------------
+    # ---------------------------------------------------------------------------------------- stage 1
     def working_size(self, height: int, width: int) -> tuple[int, int]:
-        """The HR size the network works at for an LR image of height x width (steps 1-2)."""
+        """The HR size the network works at for an LR image of height x width."""
+        grid = self._codec().downscale * self.patch_size
         min_lr = self.defaults.process_size / self.factor
         grow = max(1.0, min_lr / min(height, width))
         h, w = round(height * grow) * self.factor, round(width * grow) * self.factor
-        return max(self.grid, h // self.grid * self.grid), max(self.grid, w // self.grid * self.grid)
+        return max(grid, h // grid * grid), max(grid, w // grid * grid)
 
-    def prepare(self, lr: torch.Tensor) -> torch.Tensor:
-        """The bicubic-upsampled LR image the network is conditioned on (B, 3, H, W) in [0, 1]."""
-        return resize(lr, *self.working_size(*lr.shape[-2:]))
+    def encode(self, images: torch.Tensor, settings: Settings | UpscaleOptions | None = None) -> LRLatent:
+        """(B, 3, H, W) LR images in [0, 1] -> the LR posterior of their bicubic upsampling."""
+        settings = self.settings(settings)
+        images = check_images(images)
+        control = resize(images.to(self.device, torch.float32), *self.working_size(*images.shape[-2:]))
+        mean, logvar = self._codec().moments(control, settings.vae_tiling)
+        return LRLatent(mean, logvar, control)
 
-    def velocity_fn(self, lr_latent: torch.Tensor, embeds: torch.Tensor, pooled: torch.Tensor,
-                    tile: int, overlap: int, progress: Callable[[], None] | None):
-        """u(z, r, t) (or v(z, t) for a flow teacher) on latent tiles, for the samplers."""
+    # ---------------------------------------------------------------------------------------- stage 2
+    def sample(self, lr: LRLatent, settings: Settings | UpscaleOptions | None = None, *,
+               seeds: Sequence[int] | None = None, prompt_embeds: torch.Tensor | None = None,
+               prompt_pooled: torch.Tensor | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
+        """The noise-started sampling: LR posterior -> HR latent, both in raw VAE space.
 
-        def tile_fn(t: torch.Tensor, r: torch.Tensor | None) -> Callable[..., torch.Tensor]:
-            def net(z: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
-                with torch.no_grad():
-                    return self.transformer(z.to(self.dtype), lr, embeds, pooled, t.to(self.device), r)
-            return net
-
-        size = (tile, tile) if tile > 0 else lr_latent.shape[-2:]
-        step = (lambda done, total: progress()) if progress else None
-
-        def u(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return tiled_apply(tile_fn(t, r.to(self.device)), [z, lr_latent], size, overlap, step)
-
-        def v(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            return tiled_apply(tile_fn(t, None), [z, lr_latent], size, overlap, step)
-
-        return u if self.transformer.is_average_velocity else v
-
-    def sample(self, lr_latent: torch.Tensor, noise: torch.Tensor, *, steps: int, tile: int, overlap: int,
-               embeds: torch.Tensor, pooled: torch.Tensor, progress: Callable[[], None] | None = None) -> torch.Tensor:
-        """Latent from noise, conditioned on the LR latent: mean-flow steps, or Euler for a teacher."""
-        tile = self.check_tile(tile, overlap)
-        fn = self.velocity_fn(lr_latent, embeds, pooled, tile, overlap, progress)
-        z0 = noise.to(self.device, torch.float32)
-        if self.transformer.is_average_velocity:
-            return meanflow.sample_average_velocity(fn, z0, steps)
-        return meanflow.sample_euler(fn, z0, steps, shift=self.defaults.flow_shift)
-
-    def check_tile(self, tile: int, overlap: int) -> int:
-        """Validate a latent tile size and overlap before any work starts; returns the tile."""
-        p = self.transformer.config.patch_size
-        if tile and tile % p:
-            raise SMFSRError(f"latent tile size {tile} must be a multiple of the patch size {p}")
-        if tile and not 0 <= overlap < tile:
-            raise SMFSRError(f"tile overlap {overlap} must be at least 0 and smaller than the tile size {tile}")
-        return tile
-
-    def tiles_per_step(self, height: int, width: int, tile: int, overlap: int) -> int:
-        from .tiling.latent import tile_grid
-
-        if not tile:
-            return 1
-        return len(tile_grid(height, width, (tile, tile), overlap))
-
-    # ----------------------------------------------------------------------------------------
-    def upscale_tensor(
-        self,
-        images: torch.Tensor,
-        options: UpscaleOptions | None = None,
-        *,
-        seeds: Sequence[int] | None = None,
-        prompt_embeds: torch.Tensor | None = None,
-        prompt_pooled: torch.Tensor | None = None,
-        progress: ProgressFn | None = None,
-    ) -> torch.Tensor:
-        """(B, 3, H, W) images in [0, 1] -> (B, 3, round(H*scale), round(W*scale)) in [0, 1].
-
-        ``seeds`` gives each image its own seed (default: ``options.seed`` for all)."""
-        o = options or UpscaleOptions()
-        if images.ndim == 3:
-            images = images[None]
-        if images.ndim != 4 or images.shape[1] != 3:
-            raise SMFSRError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
-        if not torch.isfinite(images).all() or images.min() < -1e-3 or images.max() > 1 + 1e-3:
-            raise SMFSRError("image values must be finite and in [0, 1]")
-        batch, _, height, width = images.shape
-        check_size(width, height)
-        scale = float(o.scale or self.factor)
-        if not 0 < scale <= 16:
-            raise SMFSRError(f"scale must be in (0, 16], got {scale}")
-        steps = int(o.steps or self.defaults.steps)
-        fix = o.color_fix or self.defaults.color_fix
-        if fix not in COLOR_FIXES:
-            raise SMFSRError(f"unknown colour fix {fix!r}; choose one of {', '.join(COLOR_FIXES)}")
-        tile = self.defaults.latent_tile if o.tile_size is None else int(o.tile_size)
-        overlap = self.defaults.latent_overlap if o.tile_overlap is None else int(o.tile_overlap)
-        seeds = list(seeds) if seeds is not None else [o.seed] * batch
+        Each image's generator draws the start noise, then the LR posterior sample: the same seed
+        gives the same result from every door. ``seeds`` default to the settings' seed for all."""
+        settings = self.settings(settings)
+        batch, channels, lh, lw = lr.mean.shape
+        seeds = list(seeds) if seeds is not None else [settings.seed] * batch
         if len(seeds) != batch:
             raise SMFSRError(f"{len(seeds)} seeds for {batch} images")
         embeds, pooled = self.text(batch, prompt_embeds, prompt_pooled)
-        codec = replace(self.codec, tiling=o.vae_tiling) if o.vae_tiling is not None else self.codec  # this call only
-
-        control = self.prepare(images.to(self.device, torch.float32))
-        mean, logvar = codec.moments(control)
-        latent = self.generate(mean, logvar, seeds=seeds, steps=steps, tile=tile, overlap=overlap,
-                               embeds=embeds, pooled=pooled, progress=progress)
-        sr = codec.decode(latent)
-        out_h, out_w = max(1, round(height * scale)), max(1, round(width * scale))
-        # Colour is taken from the input itself, bicubic to the output size (the Color Fix node
-        # does the same, so the modular ComfyUI chain gives these exact pixels).
-        out = resize(sr, out_h, out_w)
-        return color_fix(out, resize(images.to(out.device, torch.float32), out_h, out_w), fix).cpu()
-
-    def generate(
-        self,
-        mean: torch.Tensor,
-        logvar: torch.Tensor | None,
-        *,
-        seeds: Sequence[int],
-        steps: int,
-        tile: int,
-        overlap: int,
-        embeds: torch.Tensor,
-        pooled: torch.Tensor,
-        progress: ProgressFn | None = None,
-    ) -> torch.Tensor:
-        """The noise-started sampling, from the LR posterior (raw VAE space) to a normalised latent.
-
-        Each image's generator draws the start noise, then the LR posterior sample: the same seed
-        gives the same result from every door. ``logvar=None`` uses the posterior mean."""
-        batch, channels, lh, lw = mean.shape
         noise, lr_eps = seeded_noise((batch, channels, lh, lw), seeds, draws=2)
-        z_lr = mean
-        if logvar is not None and self.defaults.lr_latent == "sample":
-            z_lr = mean + torch.exp(0.5 * logvar) * lr_eps.to(mean.device, mean.dtype)
-        lr_latent = self.codec.normalize(z_lr.float()).to(self.device, self.dtype)
+        z_lr = lr.mean
+        if lr.logvar is not None and self.defaults.lr_latent == "sample":
+            z_lr = lr.mean + torch.exp(0.5 * lr.logvar) * lr_eps.to(lr.mean.device, lr.mean.dtype)
+        lr_latent = self.scale.normalize(z_lr.float()).to(self.device, self.dtype)
 
         while True:  # on out-of-memory, halve the latent tile and try again (down to MIN_LATENT_TILE)
-            total = steps * self.tiles_per_step(lh, lw, tile, overlap)
-            done = [0]
-
-            def tick() -> None:
-                done[0] += 1
-                if progress:
-                    progress(done[0], total)
-
             try:
-                return self.sample(lr_latent, noise, steps=steps, tile=tile, overlap=overlap,
-                                   embeds=embeds, pooled=pooled, progress=tick)
+                z = self._steps(lr_latent, noise, settings, embeds, pooled, progress)
+                return self.scale.denormalize(z.float())
             except torch.OutOfMemoryError:
-                current = tile or max(lh, lw)
+                current = settings.tile or max(lh, lw)
                 if current // 2 < MIN_LATENT_TILE:
-                    raise SMFSRError(
-                        f"out of memory even with {current}-px latent tiles; use a smaller image, --dtype bf16, "
-                        "or free GPU memory"
-                    ) from None
-                tile = current // 2 // self.transformer.config.patch_size * self.transformer.config.patch_size
-                overlap = min(overlap, tile // 2)
-                log.warning("out of memory: retrying with latent tile %d", tile)
+                    raise SMFSRError(f"out of memory even with {current}-px latent tiles; use a smaller image, "
+                                     "--dtype bf16, or free GPU memory") from None
+                settings = settings.with_tile(current // 2 // self.patch_size * self.patch_size)
+                log.warning("out of memory: retrying with latent tile %d", settings.tile)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
 
-    def __call__(
-        self,
-        images: Image.Image | Sequence[Image.Image] | torch.Tensor,
-        options: UpscaleOptions | None = None,
-        **kwargs,
-    ):
+    def _steps(self, lr_latent: torch.Tensor, noise: torch.Tensor, settings: Settings, embeds: torch.Tensor,
+               pooled: torch.Tensor, progress: ProgressFn | None) -> torch.Tensor:
+        """Mean-flow steps (or Euler steps for a flow teacher), the net run on latent tiles."""
+        size = (settings.tile, settings.tile) if settings.tile else tuple(lr_latent.shape[-2:])
+        total = settings.steps * len(tile_grid(*lr_latent.shape[-2:], size, settings.overlap))
+        done = [0]
+
+        def tick(_done: int, _total: int) -> None:
+            done[0] += 1
+            if progress:
+                progress(done[0], total)
+
+        def net(t: torch.Tensor, r: torch.Tensor | None) -> Callable[..., torch.Tensor]:
+            def run(z: torch.Tensor, lr: torch.Tensor) -> torch.Tensor:
+                with torch.no_grad():
+                    return self.transformer(z.to(self.dtype), lr, embeds, pooled, t.to(self.device),
+                                            None if r is None else r.to(self.device))
+            return run
+
+        z0 = noise.to(self.device, torch.float32)
+        if self.transformer.is_average_velocity:
+            def u(z, r, t):
+                return tiled_apply(net(t, r), [z, lr_latent], size, settings.overlap, tick)
+
+            return meanflow.sample_average_velocity(u, z0, settings.steps)
+
+        def v(z, t):
+            return tiled_apply(net(t, None), [z, lr_latent], size, settings.overlap, tick)
+
+        return meanflow.sample_euler(v, z0, settings.steps, shift=self.defaults.flow_shift)
+
+    # ---------------------------------------------------------------------------------------- stages 3, 4
+    def decode(self, latent: torch.Tensor, settings: Settings | UpscaleOptions | None = None) -> torch.Tensor:
+        """Raw HR latent -> the image at the working size, (B, 3, H, W) in [0, 1]."""
+        return self._codec().decode_raw(latent, self.settings(settings).vae_tiling)
+
+    def finish(self, decoded: torch.Tensor, images: torch.Tensor,
+               settings: Settings | UpscaleOptions | None = None) -> torch.Tensor:
+        """The decoded image at exactly scale x the input size, colour-fixed toward the input."""
+        settings = self.settings(settings)
+        return finish(decoded, images, settings.scale, settings.color_fix)
+
+    def _codec(self) -> LatentCodec:
+        if self.codec is None:
+            raise SMFSRError("this SMFSR model was loaded for sampling only; it needs a VAE to encode or decode")
+        return self.codec
+
+    # ---------------------------------------------------------------------------------------- all four
+    def upscale_tensor(self, images: torch.Tensor, options: UpscaleOptions | Settings | None = None, *,
+                       seeds: Sequence[int] | None = None, prompt_embeds: torch.Tensor | None = None,
+                       prompt_pooled: torch.Tensor | None = None, progress: ProgressFn | None = None) -> torch.Tensor:
+        """(B, 3, H, W) images in [0, 1] -> (B, 3, round(H*scale), round(W*scale)) in [0, 1].
+
+        ``seeds`` gives each image its own seed (default: the options' seed for all)."""
+        settings = self.settings(options)
+        images = check_images(images)
+        lr = self.encode(images, settings)
+        latent = self.sample(lr, settings, seeds=seeds, prompt_embeds=prompt_embeds, prompt_pooled=prompt_pooled,
+                             progress=progress)
+        return self.finish(self.decode(latent, settings), images, settings)
+
+    def __call__(self, images: Image.Image | Sequence[Image.Image] | torch.Tensor,
+                 options: UpscaleOptions | Settings | None = None, **kwargs):
         """Upscale PIL image(s) or a tensor; returns the same kind. See :meth:`upscale_tensor`."""
         if isinstance(images, torch.Tensor):
             return self.upscale_tensor(images, options, **kwargs)
@@ -355,13 +296,27 @@ class SMFSRUpscaler:
         results = [self.upscale_image(from_pil(img), options, **kwargs) for img in ([images] if single else images)]
         return results[0] if single else results
 
-    def upscale_image(self, image: RGBAlpha, options: UpscaleOptions | None = None, **kwargs) -> Image.Image:
-        """One decoded image (RGB + optional alpha) -> PIL result; alpha is upscaled bicubically."""
+    def upscale_image(self, image: RGBAlpha, options: UpscaleOptions | Settings | None = None, **kwargs) -> Image.Image:
+        """One decoded image (RGB + optional alpha) -> PIL result; alpha is upscaled bicubically and a
+        grayscale input gives a grayscale result."""
         rgb = self.upscale_tensor(image.rgb[None], options, **kwargs)[0]
         alpha = None
         if image.alpha is not None:
             alpha = resize(image.alpha[None], *rgb.shape[-2:])[0]
-        return to_pil(rgb, alpha)
+        return to_pil(rgb, alpha, gray=image.gray)
 
 
-__all__ = ["SMFSRUpscaler", "UpscaleOptions", "VAETiling", "seeded_noise", "resize"]
+def check_images(images: torch.Tensor) -> torch.Tensor:
+    """(B, 3, H, W) (or (3, H, W)) finite values in [0, 1], of a size SMFSR takes."""
+    if images.ndim == 3:
+        images = images[None]
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise SMFSRError(f"expected images of shape (B, 3, H, W), got {tuple(images.shape)}")
+    check_size(images.shape[-1], images.shape[-2])
+    if not torch.isfinite(images).all() or images.min() < -1e-3 or images.max() > 1 + 1e-3:
+        raise SMFSRError("image values must be finite and in [0, 1]")
+    return images
+
+
+__all__ = ["SMFSRUpscaler", "UpscaleOptions", "Settings", "VAETiling", "LRLatent", "decode_latent", "finish",
+           "seeded_noise", "resize"]

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import cannot_import, free_port, photo_like
+from tests.helpers import DOOR_SEED, cannot_import, door_input, free_port, library_pixels
 
 REPO = Path(__file__).resolve().parents[1]
 A1111_DIR = os.environ.get("A1111_DIR")
@@ -62,7 +62,7 @@ def webui(tmp_path_factory, tiny_bundle_path):
     proc = subprocess.Popen(
         [A1111_PYTHON, "launch.py", "--skip-prepare-environment", "--skip-install", "--no-download-sd-model",
          "--skip-torch-cuda-test", "--use-cpu", "all", "--no-half", "--api", "--nowebui", "--port", str(port),
-         "--data-dir", str(data), "--skip-version-check"],
+         "--data-dir", str(data), "--skip-version-check", "--server-name", "127.0.0.1"],
         cwd=A1111_DIR, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     url = f"http://127.0.0.1:{port}"
@@ -77,14 +77,15 @@ def webui(tmp_path_factory, tiny_bundle_path):
                 raise RuntimeError("A1111 did not start:\n" + (data / "webui.log").read_text()[-4000:])
             time.sleep(1)
     # no cached results, fixed seed: the upscale must really run and be reproducible
-    _call(url + "/sdapi/v1/options", {"upscaling_max_images_in_cache": 0, "smfsr_seed": 0, "smfsr_tile": 64})
+    # no cached results; every SMFSR setting at its default but the seed (fixed, so results are reproducible)
+    _call(url + "/sdapi/v1/options", {"upscaling_max_images_in_cache": 0, "smfsr_seed": DOOR_SEED})
     yield url
     proc.terminate()
     proc.wait(timeout=30)
 
 
 def test_the_upscaler_is_listed(webui):
-    from smfsr.models.default import SHIPPED_MODEL
+    from smfsr.checkpoint.default_model import SHIPPED_MODEL
 
     upscalers = {u["name"]: u for u in _call(webui + "/sdapi/v1/upscalers")}
     assert "SMFSR x4 (tiny)" in upscalers
@@ -95,24 +96,19 @@ def test_the_upscaler_is_listed(webui):
 
 
 @pytest.mark.parametrize("name", ["tiny", "smfsr-small-x4"])
-def test_extras_runs_smfsr_and_its_pixels_match_the_library(webui, tiny_bundle_path, name):
-    """A failing upscaler still returns HTTP 200 with a Lanczos resize: only the pixels prove it ran."""
-    from smfsr.imageio import from_pil
-    from smfsr.models.default import SHIPPED_MODEL
-    from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
+def test_extras_gives_the_library_pixels(webui, tiny_bundle_path, tmp_path, name):
+    """Every SMFSR setting at its default but the seed: Extras returns the library's pixels, to the bit.
+    (A failing upscaler still returns HTTP 200 with a Lanczos resize: only the pixels prove it ran.)"""
+    from smfsr.checkpoint.default_model import SHIPPED_MODEL
 
-    image = Image.fromarray(photo_like(40, 56))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    source = door_input(tmp_path)
     reply = _call(webui + "/sdapi/v1/extra-single-image", {
         "resize_mode": 0, "upscaling_resize": 4, "upscaler_1": f"SMFSR x4 ({name})", "upscaler_2": "None",
-        "extras_upscaler_2_visibility": 0, "image": "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode(),
+        "extras_upscaler_2_visibility": 0, "image": "data:image/png;base64," + base64.b64encode(source.read_bytes()).decode(),
     })
-    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(reply["image"]))).convert("RGB")).astype(int)
-    model = tiny_bundle_path if name == "tiny" else SHIPPED_MODEL
-    up = SMFSRUpscaler.from_pretrained(model, device="cpu", dtype="fp32")
-    want = np.asarray(up.upscale_image(from_pil(image), UpscaleOptions(scale=4, seed=0, tile_size=64, tile_overlap=24)))
+    got = np.asarray(Image.open(io.BytesIO(base64.b64decode(reply["image"]))).convert("RGB"))
+    want = library_pixels(tiny_bundle_path if name == "tiny" else SHIPPED_MODEL, source, python=A1111_PYTHON)
     assert got.shape == want.shape == (160, 224, 3)
-    assert np.abs(got - want.astype(int)).max() <= 1
-    lanczos = np.asarray(image.resize((224, 160), Image.Resampling.LANCZOS)).astype(int)
-    assert (np.abs(got - lanczos) > 1).mean() > 0.05  # not the fallback
+    assert np.array_equal(got, want)
+    lanczos = np.asarray(Image.open(source).resize((224, 160), Image.Resampling.LANCZOS)).astype(int)
+    assert (np.abs(got.astype(int) - lanczos) > 1).mean() > 0.05  # not the fallback

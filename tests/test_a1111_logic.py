@@ -11,9 +11,10 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from a1111_extension import logic
+from smfsr.options import VAETiling
 from smfsr.pipeline import SMFSRUpscaler
 from smfsr.imageio import from_pil
-from tests.conftest import photo_like
+from tests.helpers import photo_like
 
 
 def test_models_are_discovered_and_named_with_their_factor(tmp_path, tiny_bundle_path):
@@ -50,10 +51,12 @@ def test_one_pass_reaches_the_requested_scale(tiny_bundle_path):
 
 
 def test_settings_defaults_and_random_seed():
-    assert logic.DEFAULTS == {"smfsr_steps": 1, "smfsr_seed": -1, "smfsr_tile": 64, "smfsr_tile_overlap": 24,
-                              "smfsr_vae_tile": 0, "smfsr_color_fix": "adain", "smfsr_dtype": "auto"}
+    # every setting defaults to "the model's" (0 / auto): what the model stores is what runs
+    assert logic.DEFAULTS == {"smfsr_steps": 0, "smfsr_seed": -1, "smfsr_tile": 0, "smfsr_tile_overlap": 0,
+                              "smfsr_vae_tile": 0, "smfsr_color_fix": "auto", "smfsr_dtype": "auto"}
     o = logic.options({}, 4, rng=random.Random(1))
-    assert (o.scale, o.steps, o.tile_size, o.tile_overlap, o.color_fix) == (4.0, 1, 64, 24, "adain")
+    assert (o.scale, o.steps, o.tile_size, o.tile_overlap, o.color_fix) == (4.0, None, None, None, None)
+    assert o.vae_tiling == VAETiling()
     assert 0 <= o.seed < 2**32 and o.seed == logic.options({}, 4, rng=random.Random(1)).seed
     assert logic.options({"smfsr_seed": 7, "unrelated": 1}, 2).seed == 7
     assert logic.settings_key({"smfsr_seed": 1}) != logic.settings_key({"smfsr_seed": 2})

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import free_port, photo_like
+from tests.helpers import free_port, photo_like
 
 gradio = pytest.importorskip("gradio", reason="gradio is not installed (pip install 'smfsr[app]')")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from bench import steps
@@ -44,7 +45,7 @@ def test_model_evaluation_scores_bicubic_and_the_model_and_measures_the_seed_spr
     from PIL import Image
 
     from bench.eval_model import evaluate
-    from tests.conftest import photo_like
+    from tests.helpers import photo_like
 
     for i in range(3):
         Image.fromarray(photo_like(80, 96, seed=i)).save(tmp_path / f"v{i}.png")
@@ -64,7 +65,7 @@ def test_the_cnn_probe_starts_as_bicubic_and_trains(tmp_path):
 
     from bench.probe_cnn import espcn, probe, upscale
     from smfsr.pipeline import resize
-    from tests.conftest import photo_like
+    from tests.helpers import photo_like
 
     lr = torch.rand(1, 3, 8, 12)
     assert torch.allclose(upscale(espcn(), lr), resize(lr, 32, 48))  # zero last layer: exactly bicubic
@@ -74,3 +75,44 @@ def test_the_cnn_probe_starts_as_bicubic_and_trains(tmp_path):
     assert [r[0] for r in table.rows] == ["bicubic", "CNN probe"] and "2 steps" in table.title
     bicubic, probed = (float(r[1]) for r in table.rows)
     assert 20 < bicubic < 60 and abs(probed - bicubic) < 1  # starts as bicubic; a misaligned output is far off
+
+
+@pytest.mark.slow
+def test_the_suite_runs_in_a_clone_named_smfsr(tmp_path):
+    """The repository root is also a package (ComfyUI's entry, __init__.py); a clone folder named
+    like the core package must not shadow it, neither in pytest nor in the benchmark's children."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.helpers import REPO
+
+    clone = tmp_path / "smfsr"
+    clone.mkdir()
+    for name in ("__init__.py", "pyproject.toml"):
+        shutil.copy(REPO / name, clone / name)
+    for folder in ("smfsr", "bench", "comfyui_nodes", "a1111_extension"):
+        shutil.copytree(REPO / folder, clone / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    (clone / "tests").mkdir()
+    (clone / "models").mkdir()  # beside the package, as in a real clone
+    for name in ("conftest.py", "helpers.py", "test_bench.py"):
+        shutil.copy(REPO / "tests" / name, clone / "tests" / name)
+    run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "tests/test_bench.py",
+                          "-k", "child_processes"], cwd=clone, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "1 passed" in run.stdout
+
+
+def _dies_on_import() -> dict:
+    import os
+
+    os._exit(3)  # as a child whose imports fail would, before it can report
+
+
+def test_a_child_that_dies_is_reported_at_once():
+    import time
+
+    start = time.monotonic()
+    result = in_child(_dies_on_import, timeout=600)
+    assert "exited with 3" in result["error"]
+    assert time.monotonic() - start < 60  # not the timeout

@@ -9,13 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from smfsr.checkpoint import (
-    describe, import_official_transformer, import_vae, load_bundle, load_model, save_bundle,
-)
+from smfsr.checkpoint import build_transformer, import_official_transformer, import_vae, load_bundle, load_model, \
+    save_bundle
+from smfsr.checkpoint.describe import describe
 from smfsr.errors import CheckpointError
 from smfsr.models import transformer_config
-from tests.conftest import perturb, tiny_bundle
-from smfsr.checkpoint import build_transformer
+from tests.helpers import perturb, tiny_bundle
 
 
 def run(model, seed=0, h=8, w=12):
@@ -38,7 +37,7 @@ def test_bundle_round_trip_gives_identical_outputs(tmp_path):
         assert torch.equal(bundle.vae.encoder(x), loaded.vae.encoder(x))
     assert torch.equal(loaded.prompt_embeds, bundle.prompt_embeds)
     assert loaded.defaults == bundle.defaults
-    assert loaded.provenance == "tests/conftest.py"
+    assert loaded.provenance == "tests/helpers.py"
 
 
 def test_bundle_in_half_precision_loads_and_casts(tmp_path):

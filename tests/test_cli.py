@@ -13,7 +13,7 @@ from PIL import Image
 
 from smfsr.cli import main, shard
 from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
-from tests.conftest import photo_like
+from tests.helpers import photo_like
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -121,7 +121,7 @@ def test_inputs_are_split_across_processes(tmp_path, tiny_bundle_path, monkeypat
 
 def test_convert_writes_a_bundle_from_official_parts(tmp_path, sample_png):
     from tests.test_checkpoint import write_official_folder
-    from tests.conftest import tiny_bundle
+    from tests.helpers import tiny_bundle
     import torch
     from safetensors.torch import save_file
 

@@ -22,7 +22,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.conftest import cannot_import, free_port, photo_like
+from tests.helpers import DOOR_SEED, cannot_import, door_input, free_port, library_result, photo_like, \
+    truncation_mismatches
 
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
@@ -129,16 +130,6 @@ def api_workflow(name: str, **changes) -> dict:
     return prompt
 
 
-def expected(tiny_bundle_path: Path, image: Path, seed: int = 0) -> np.ndarray:
-    """SMFSRUpscaler's result, quantised as ComfyUI's SaveImage does (x 255, truncated)."""
-    from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
-
-    up = SMFSRUpscaler.from_pretrained(tiny_bundle_path, device="cpu", dtype="fp32")
-    x = torch.from_numpy(np.asarray(Image.open(image).convert("RGB"))).permute(2, 0, 1).float()[None] / 255
-    out = up(x, UpscaleOptions(seed=seed, tile_size=64, tile_overlap=24))[0]
-    return np.clip(out.permute(1, 2, 0).numpy() * 255.0, 0, 255).astype(np.uint8)
-
-
 def test_every_node_is_registered_with_tooltips_and_the_workflow_widget_order(comfy):
     from workflows.build import WIDGETS
 
@@ -158,29 +149,74 @@ def test_every_node_is_registered_with_tooltips_and_the_workflow_widget_order(co
     assert not any(o.endswith((".json", ".md")) for o in options)  # the folder is filtered to safetensors
 
 
-@pytest.mark.parametrize("workflow", ["smfsr_upscale", "smfsr_modular"])
-def test_workflows_run_and_match_the_library(comfy, tiny_bundle_path, workflow):
-    entry = comfy.run(api_workflow(workflow, model_name="tiny.safetensors", image="example.png", dtype="fp32"))
-    errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
-    assert entry["status"]["status_str"] == "success", [(e["exception_message"], e["traceback"][-3:]) for e in errors]
-    got = comfy.output_image(entry)
-    want = expected(tiny_bundle_path, comfy.base / "input" / "example.png")
-    assert got.shape == want.shape == (160, 224, 3)
-    # the same computation in two processes: equal up to one 8-bit level
-    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+def test_both_workflows_give_the_library_pixels(comfy, tiny_bundle_path):
+    """One node and the four-node chain, every widget at its default but the seed: the same pixels
+    as each other, and the library's result as SaveImage quantises it (x 255, truncated)."""
+    shutil.copy(door_input(comfy.base), comfy.base / "input" / "door.png")
+    got = {}
+    for workflow in ("smfsr_upscale", "smfsr_modular"):
+        entry = comfy.run(api_workflow(workflow, model_name="tiny.safetensors", image="door.png", dtype="fp32",
+                                       seed=DOOR_SEED))
+        errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
+        assert entry["status"]["status_str"] == "success", [(e["exception_message"], e["traceback"][-3:]) for e in errors]
+        got[workflow] = comfy.output_image(entry)
+    assert np.array_equal(got["smfsr_upscale"], got["smfsr_modular"])
+    result = library_result(tiny_bundle_path, comfy.base / "input" / "door.png", python=COMFYUI_PYTHON)
+    assert truncation_mismatches(got["smfsr_upscale"], result) == 0
+
+
+def test_the_nodes_called_in_comfyuis_python_chain_to_the_one_node_result(tiny_bundle_path, tmp_path):
+    """The node classes themselves (ComfyUI's modules imported, no server): the modular chain's
+    IMAGE is the one node's and the library's, to the bit."""
+    script = tmp_path / "nodes.py"
+    script.write_text(NODE_SCRIPT)
+    run = subprocess.run([COMFYUI_PYTHON, str(script), COMFYUI_DIR, str(REPO), str(tiny_bundle_path)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "modular == one node: True" in run.stdout and "one node == library: True" in run.stdout, run.stdout
+
+
+NODE_SCRIPT = """
+import sys
+from pathlib import Path
+comfy_dir, repo, model = sys.argv[1:4]
+sys.path[:0] = [comfy_dir, repo]
+sys.argv = ["main.py", "--cpu"]  # ComfyUI's modules read their flags at import, as main.py lets them
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import folder_paths
+folder_paths.folder_names_and_paths["smfsr"] = ([str(Path(model).parent)], {".safetensors"})
+from comfyui_nodes.nodes import (SMFSRColorFix, SMFSRLREncode, SMFSRModelLoader, SMFSRSampler, SMFSRTiledVAEDecode,
+                                 SMFSRUpscale)
+image = torch.rand(1, 40, 56, 3, generator=torch.Generator().manual_seed(0))
+m = SMFSRModelLoader.execute(Path(model).name, "fp32").result[0]
+lr, _ = SMFSRLREncode.execute(image, m, 0).result
+latent = SMFSRSampler.execute(m, lr, 7, 0, 0, 0).result[0]
+decoded = SMFSRTiledVAEDecode.execute(latent, 0, "exact", smfsr_model=m).result[0]
+chain = SMFSRColorFix.execute(decoded, image, "auto", 0.0, smfsr_model=m).result[0]
+one = SMFSRUpscale.execute(image, m, 0.0, 7, 0, 0, 0, "auto", 0).result[0]
+from smfsr.options import UpscaleOptions
+from smfsr.pipeline import SMFSRUpscaler
+library = SMFSRUpscaler.from_pretrained(model, device="cpu", dtype="fp32").upscale_tensor(image.movedim(-1, 1),
+                                                                                         UpscaleOptions(seed=7))
+print("shapes", tuple(chain.shape), tuple(one.shape))
+print("modular == one node:", torch.equal(chain, one))
+print("one node == library:", torch.equal(one, library.movedim(1, -1)))
+"""
 
 
 def test_the_shipped_workflow_runs_the_default_model_as_is(comfy):
     """No model to install: the workflow names the default model, which the loader finds in the
     repository's models/ folder."""
-    from smfsr.models.default import SHIPPED_MODEL
+    from smfsr.checkpoint.default_model import SHIPPED_MODEL
 
     entry = comfy.run(api_workflow("smfsr_upscale", image="example.png", dtype="fp32"))
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
     got = comfy.output_image(entry)
-    want = expected(SHIPPED_MODEL, comfy.base / "input" / "example.png")
-    assert got.shape == want.shape == (160, 224, 3)
-    assert np.abs(got.astype(int) - want.astype(int)).max() <= 1
+    result = library_result(SHIPPED_MODEL, comfy.base / "input" / "example.png", seed=0, python=COMFYUI_PYTHON)
+    assert got.shape == result.shape == (160, 224, 3)
+    assert truncation_mismatches(got, result) == 0
 
 
 def test_sd35_workflow_is_valid_and_asks_only_for_the_missing_weights(comfy):

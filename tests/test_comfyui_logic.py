@@ -1,5 +1,6 @@
-"""The ComfyUI nodes' logic without ComfyUI: type conversions, the modular chain's arithmetic (the
-same core calls the nodes make), and the workflow files. The real server is tests/test_comfyui.py."""
+"""What of the ComfyUI pack runs without ComfyUI: type conversions and the workflow files. The nodes
+themselves (which need ComfyUI's modules) are called in tests/test_comfyui.py, in ComfyUI's own
+Python and through a real server."""
 
 from __future__ import annotations
 
@@ -12,10 +13,6 @@ import pytest
 import torch
 
 from comfyui_nodes.convert import image_from_core, image_to_core, lr_latent, moments_of, text_from_conditioning
-from smfsr.codec import LatentCodec
-from smfsr.color import color_fix
-from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions, resize
-from tests.conftest import photo_like, tiny_bundle
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -40,28 +37,6 @@ def test_latent_and_conditioning_conversions():
     assert got[0] is embeds and got[1] is pooled
     with pytest.raises(ValueError, match="pooled"):
         text_from_conditioning([[embeds, {}]])
-
-
-def test_the_modular_chain_equals_the_one_node_upscale():
-    """LR Encode -> Sampler -> Tiled VAE Decode -> Color Fix, step by step as the nodes do it."""
-    up = SMFSRUpscaler(tiny_bundle())
-    image = torch.from_numpy(photo_like(40, 56)).float()[None] / 255  # IMAGE (B, H, W, C)
-    seed, target = 11, (160, 224)
-    # SMFSR LR Encode
-    x = image_to_core(image)
-    control = up.prepare(x)
-    latent = lr_latent(*up.codec.moments(control))
-    # SMFSR Sampler (raw latents in and out)
-    mean, logvar = moments_of(latent)
-    embeds, pooled = up.text(1, None, None)
-    out = up.codec.denormalize(up.generate(mean, logvar, seeds=[seed], steps=1, tile=64, overlap=24,
-                                           embeds=embeds, pooled=pooled))
-    # SMFSR Tiled VAE Decode (raw latent: no scaling) and resize to the target size
-    decoded = resize(LatentCodec(up.codec.vae, 1.0, 0.0).decode(out), *target)
-    # SMFSR Color Fix against the LoadImage output
-    chain = color_fix(image_to_core(image_from_core(decoded)), resize(image_to_core(image), *target), "adain")
-    one_node = up.upscale_tensor(x, UpscaleOptions(seed=seed, tile_size=64, tile_overlap=24))
-    assert torch.allclose(chain, one_node, atol=1e-6)
 
 
 def test_workflow_files_are_generated_from_one_source():

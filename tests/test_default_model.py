@@ -13,7 +13,7 @@ import torch
 
 from bench.eval_model import held_out, score
 from smfsr.cli import main
-from smfsr.models.default import SHIPPED_MODEL
+from smfsr.checkpoint.default_model import SHIPPED_MODEL
 from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions, resize
 
 HELD_OUT = Path(__file__).parent / "data" / "heldout"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from smfsr.degrade import anisotropic_kernel, bicubic_degrade, degrade, sinc_kernel
-from tests.conftest import photo_like
+from tests.helpers import photo_like
 
 
 def test_kernels_are_normalised_and_symmetric():

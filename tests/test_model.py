@@ -7,7 +7,7 @@ import torch
 
 from smfsr.checkpoint import OPTIONAL_TRANSFORMER_KEYS, build_transformer, expected_shapes
 from smfsr.models import SMFSRTransformer, transformer_config
-from tests.conftest import perturb
+from tests.helpers import perturb
 
 D, FF, HEAD = 1536, 6144, 64
 

@@ -12,7 +12,7 @@ from smfsr.errors import ImageError, SMFSRError
 from smfsr.imageio import from_pil
 from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions, seeded_noise
 from smfsr.tiling.latent import gaussian_weights, tile_grid, tiled_apply
-from tests.conftest import photo_like, tiny_bundle
+from tests.helpers import photo_like, tiny_bundle
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +178,7 @@ def test_bad_inputs_give_clear_errors(upscaler):
         upscaler(torch.full((1, 3, 16, 16), 2.0))
     with pytest.raises(SMFSRError, match="colour fix"):
         upscaler(image(), UpscaleOptions(color_fix="sepia"))
-    with pytest.raises(SMFSRError, match="multiple of the patch size"):
+    with pytest.raises(SMFSRError, match="multiple of the model's patch size"):
         upscaler(image(), UpscaleOptions(tile_size=7))
     with pytest.raises(SMFSRError, match="no VAE"):
         bundle = tiny_bundle()
@@ -203,11 +203,12 @@ def test_out_of_memory_halves_the_tile_and_retries(monkeypatch):
     assert out.shape == (1, 3, 256, 256) and sizes[0] == 32 and set(sizes[1:]) == {16}
 
 
-def test_per_call_vae_tiling_does_not_stick(upscaler):
-    from smfsr.tiling.vae import VAETiling
+def test_vae_tiling_is_an_option_with_an_explicit_off(upscaler):
+    from smfsr.options import VAETiling
 
-    before = upscaler.codec.tiling
     x = torch.from_numpy(photo_like(40, 56)).permute(2, 0, 1).float()[None] / 255
-    tiled = upscaler(x, UpscaleOptions(vae_tiling=VAETiling(decoder_tile=16, encoder_tile=128, threshold_pixels=0)))
-    assert upscaler.codec.tiling is before
-    assert (tiled - upscaler(x)).abs().max() <= 1e-4  # exact tiling: same image
+    tiled = upscaler(x, UpscaleOptions(vae_tiling=VAETiling(tile=16)))  # an explicit tile always tiles
+    untiled = upscaler(x, UpscaleOptions(vae_tiling=VAETiling.off()))
+    assert VAETiling(tile=16).tiles(1) and not VAETiling.off().tiles(10**9) and not VAETiling().tiles(160 * 224)
+    assert (tiled - untiled).abs().max() <= 1e-4  # exact tiling: same image
+    assert torch.equal(untiled, upscaler(x))  # automatic: a small image is not tiled

@@ -11,7 +11,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from smfsr.pipeline import SMFSRUpscaler
-from tests.conftest import TINY_TRAIN_CONFIG, photo_like, train
+from tests.helpers import TINY_TRAIN_CONFIG, build_networks, photo_like, train
 
 TINY = TINY_TRAIN_CONFIG
 
@@ -42,8 +42,6 @@ def refine_args(setup, *args: str) -> list[str]:
 def networks_and_batch(setup, *args: str):
     from smfsr_trainer.config import load_config
     from smfsr_trainer.data import SRPairs
-    from smfsr_trainer.train import build_networks
-
     config, _ = load_config(["--config", TINY, "--train-dir", str(setup["photos"]), *refine_args(setup, *args)])
     torch.manual_seed(0)
     nets = build_networks(config)
@@ -52,11 +50,11 @@ def networks_and_batch(setup, *args: str):
     return config, nets, batch
 
 
-def fresh(nets, batch, seed: int = 7):
+def fresh(config, nets, batch, seed: int = 7):
     """The same micro-batch (same noise and times) every call."""
-    from smfsr_trainer.train import refine_batch
+    from smfsr_trainer.stages import get_stage
 
-    return refine_batch(nets, batch, torch.Generator().manual_seed(seed), torch.device("cpu"))
+    return get_stage("refine").batch(config, nets, batch, torch.Generator().manual_seed(seed), torch.device("cpu"))
 
 
 def grads(module: torch.nn.Module) -> set[str]:
@@ -73,9 +71,9 @@ def test_each_network_gets_gradients_only_from_its_own_loss(setup):
     from smfsr_trainer.stages.refine import discriminator_step_loss, fake_score_loss, generator_loss
 
     config, nets, batch = networks_and_batch(setup, "--r1-gamma", "1.0")
-    r = nets.refine
+    r = nets.extra
     everyone = (nets.trained, r.fake, r.heads, r.backbone, r.teacher, nets.codec.vae)
-    b = fresh(nets, batch)
+    b = fresh(config, nets, batch)
 
     loss, parts = generator_loss(config, r, nets.trained, nets.codec, b)
     assert {"loss_l2", "loss_gan", "vsd_mismatch"} <= set(parts)
@@ -116,17 +114,17 @@ def test_each_loss_decreases_when_trained_alone_on_a_fixed_batch(setup):
     from smfsr_trainer.stages.refine import discriminator_step_loss, fake_score_loss, generator_loss
 
     config, nets, batch = networks_and_batch(setup)
-    r = nets.refine
+    r = nets.extra
     only = {"weight_l2": 0.0, "weight_l1": 0.0, "weight_gan": 0.0, "weight_vsd": 0.0}
 
     def generator_term(term: str):
         """The generator's loss with only ``term`` on."""
         c = type(config)(**{**vars(config), **only, term: 1.0})
-        return lambda: generator_loss(c, r, nets.trained, nets.codec, fresh(nets, batch))[0]
+        return lambda: generator_loss(c, r, nets.trained, nets.codec, fresh(config, nets, batch))[0]
 
     def with_sample(fn):
         def run():
-            b = fresh(nets, batch)
+            b = fresh(config, nets, batch)
             with torch.no_grad():
                 generator_loss(config, r, nets.trained, nets.codec, b)
             return fn(b)[0]
@@ -153,17 +151,17 @@ def test_a_vsd_step_moves_samples_against_the_score_mismatch(setup):
     from smfsr_trainer.vsd import vsd_loss
 
     config, nets, batch = networks_and_batch(setup)
-    r = nets.refine
+    r = nets.extra
     opt = torch.optim.Adam(r.fake.parameters(), lr=3e-3)
     for _ in range(6):  # the fake score starts equal to the teacher (LoRA B = 0), where VSD is zero
-        b = fresh(nets, batch)
+        b = fresh(config, nets, batch)
         with torch.no_grad():
             generator_loss(config, r, nets.trained, nets.codec, b)
         loss, _ = fake_score_loss(config, r.fake, b)
         opt.zero_grad()
         loss.backward()
         opt.step()
-    b = fresh(nets, batch)
+    b = fresh(config, nets, batch)
     noise = torch.randn(b.x.shape, generator=torch.Generator().manual_seed(1))
     vsd_noise = torch.randn(b.x.shape, generator=torch.Generator().manual_seed(2))
     t = torch.full((b.x.shape[0],), 0.5)
@@ -243,8 +241,6 @@ def test_dinov3_is_loaded_from_a_local_folder_with_clear_errors(setup, tmp_path)
 
 def test_refine_needs_a_distilled_student_and_a_flow_teacher(setup, tmp_path):
     from smfsr_trainer.config import load_config
-    from smfsr_trainer.train import build_networks
-
     run = setup["run"]
     swapped = ["--config", TINY, "--train-dir", str(setup["photos"]), "--stage", "refine", "--dinov3",
                str(setup["dino"]), "--init", str(run / "flow.safetensors"), "--teacher", str(run / "flow.safetensors")]

@@ -10,15 +10,17 @@ from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from smfsr.checkpoint import build_transformer, describe, load_bundle, random_bundle, save_bundle
+from smfsr.checkpoint import build_transformer, load_bundle, save_bundle
+from smfsr.checkpoint.describe import describe
+from smfsr.checkpoint.random import random_bundle
 from smfsr.codec import LatentCodec
 from smfsr.errors import CheckpointError
 from smfsr.models.detail_head import DetailHead
 from smfsr.models.presets import transformer_config
 from smfsr.models.space_to_depth import SpaceToDepthVAE
 from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions, resize
-from smfsr.tiling.vae import VAETiling
-from tests.conftest import photo_like, train
+from smfsr.options import VAETiling
+from tests.helpers import photo_like, train
 
 
 def lossless_bundle(**defaults):
@@ -26,13 +28,13 @@ def lossless_bundle(**defaults):
 
 
 def test_codec_reconstructs_exactly_and_never_tiles():
-    always_tile = VAETiling(threshold_pixels=0)
-    codec = LatentCodec(SpaceToDepthVAE(factor=4, scaling_factor=2.0), 2.0, 0.0, tiling=always_tile)
+    always_tile = VAETiling(tile=8)
+    codec = LatentCodec(2.0, 0.0, SpaceToDepthVAE(factor=4, scaling_factor=2.0))
     image = torch.rand(2, 3, 64, 96)
-    latent = codec.encode(image)
+    latent = codec.encode(image, tiling=always_tile)
     assert latent.shape == (2, 48, 16, 24) and codec.downscale == 4 and codec.latent_channels == 48
     assert codec.lossless
-    assert torch.allclose(codec.decode(latent), image, atol=1e-6)
+    assert torch.allclose(codec.decode(latent, always_tile), image, atol=1e-6)
     # the posterior is a point mass: sampling it moves the latent by at most ~1e-6
     noisy = codec.encode(image, noise=torch.randn(2, 48, 16, 24))
     assert (noisy - latent).abs().max() < 1e-5

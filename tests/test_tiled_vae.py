@@ -10,8 +10,9 @@ from torch import nn
 from smfsr.codec import LatentCodec
 from smfsr.errors import SMFSRError
 from smfsr.models.presets import vae_config
-from smfsr.tiling.vae import VAETiling, decoder_steps, tiled_decode, tiled_encode_moments, _split
-from tests.conftest import photo_like
+from smfsr.options import VAETiling
+from smfsr.tiling.vae import decoder_steps, tiled_decode, tiled_encode_moments, _split
+from tests.helpers import photo_like
 
 TOLERANCE = 1e-4  # max abs error, images in [0, 1]
 
@@ -46,7 +47,7 @@ def test_exact_decode_matches_untiled(tiny, hw, tile):
     z = torch.randn(1, 4, *hw, generator=torch.Generator().manual_seed(hw[0]))
     with torch.no_grad():
         ref = tiny.decoder(z)
-    out = tiled_decode(tiny, z, VAETiling(decoder_tile=tile))
+    out = tiled_decode(tiny, z, VAETiling(tile=tile))
     assert out.shape == ref.shape
     assert ((out - ref).abs().max() / 2).item() <= TOLERANCE
 
@@ -57,15 +58,15 @@ def test_exact_encode_matches_untiled(tiny, hw, tile):
     x = natural_image(*hw)
     with torch.no_grad():
         ref = tiny.encoder(x)
-    out = tiled_encode_moments(tiny, x, VAETiling(encoder_tile=tile))
+    out = tiled_encode_moments(tiny, x, VAETiling(tile=tile // 8))  # the tiny VAE is x8: tile px of image
     assert out.shape == ref.shape
     assert (out - ref).abs().max().item() <= TOLERANCE
 
 
 def test_result_does_not_depend_on_tile_size(tiny):
     z = torch.randn(2, 4, 48, 40, generator=torch.Generator().manual_seed(1))  # a batch of two
-    a = tiled_decode(tiny, z, VAETiling(decoder_tile=16))
-    b = tiled_decode(tiny, z, VAETiling(decoder_tile=32, cache_budget=0))  # recompute path, no cache
+    a = tiled_decode(tiny, z, VAETiling(tile=16))
+    b = tiled_decode(tiny, z, VAETiling(tile=32, cache_budget=0))  # recompute path, no cache
     assert (a - b).abs().max().item() / 2 <= TOLERANCE
 
 
@@ -75,8 +76,8 @@ def test_sd35_shaped_vae_16_channels_encode_and_decode():
     with torch.no_grad():
         ref_moments = vae.encoder(x)
         ref_image = vae.decoder(ref_moments[:, :16])
-    moments = tiled_encode_moments(vae, x, VAETiling(encoder_tile=96))
-    image = tiled_decode(vae, ref_moments[:, :16], VAETiling(decoder_tile=18))
+    moments = tiled_encode_moments(vae, x, VAETiling(tile=96 // 8))
+    image = tiled_decode(vae, ref_moments[:, :16], VAETiling(tile=18))
     assert (moments - ref_moments).abs().max().item() <= TOLERANCE
     assert (image - ref_image).abs().max().item() / 2 <= TOLERANCE
 
@@ -86,8 +87,8 @@ def test_fast_mode_is_approximate_and_its_error_is_reported(tiny, capsys):
     with torch.no_grad():
         z = tiny.encoder(x)[:, :4]
         ref = tiny.decoder(z)
-    exact = (tiled_decode(tiny, z, VAETiling(decoder_tile=16)) - ref).abs().max().item() / 2
-    fast = (tiled_decode(tiny, z, VAETiling(mode="fast", decoder_tile=16)) - ref).abs().max().item() / 2
+    exact = (tiled_decode(tiny, z, VAETiling(tile=16)) - ref).abs().max().item() / 2
+    fast = (tiled_decode(tiny, z, VAETiling(mode="fast", tile=16)) - ref).abs().max().item() / 2
     with capsys.disabled():
         print(f"\n[tiled VAE, tiny random VAE, 40x56 latent, tile 16] max abs error (image 0..1): exact {exact:.2e}, fast {fast:.2e}")
     assert exact <= TOLERANCE < fast < float("inf")
@@ -151,20 +152,21 @@ def test_ldm_named_vae_as_comfyui_holds_it(tiny):
     x = natural_image(200, 136)
     with torch.no_grad():
         ref_image, ref_moments = tiny.decoder(z), tiny.encoder(x)
-    image = tiled_decode(first_stage_model, z, VAETiling(decoder_tile=16))
-    moments = tiled_encode_moments(first_stage_model, x, VAETiling(encoder_tile=64))
+    image = tiled_decode(first_stage_model, z, VAETiling(tile=16))
+    moments = tiled_encode_moments(first_stage_model, x, VAETiling(tile=64 // 8))
     assert (image - ref_image).abs().max().item() / 2 <= TOLERANCE
     assert (moments - ref_moments).abs().max().item() <= TOLERANCE
     assert len(decoder_steps(first_stage_model)) == len(decoder_steps(tiny))
 
 
-def test_codec_tiles_above_its_threshold_and_matches_untiled(tiny):
-    plain = LatentCodec(tiny, 1.0, 0.0, tiling=None)
-    tiled = LatentCodec(tiny, 1.0, 0.0, tiling=VAETiling(decoder_tile=16, encoder_tile=64, threshold_pixels=0))
+def test_codec_tiles_when_asked_and_matches_untiled(tiny):
+    codec = LatentCodec(1.0, 0.0, tiny)
     x = (natural_image(160, 224) + 1) / 2
-    assert (plain.encode(x) - tiled.encode(x)).abs().max() <= TOLERANCE
-    z = plain.encode(x)
-    assert (plain.decode(z) - tiled.decode(z)).abs().max() <= TOLERANCE
+    tiled = VAETiling(tile=16)  # the encoder's core: 16 latent px = 128 image px
+    assert (codec.encode(x) - codec.encode(x, tiling=tiled)).abs().max() <= TOLERANCE
+    z = codec.encode(x)
+    assert (codec.decode(z) - codec.decode(z, tiled)).abs().max() <= TOLERANCE
+    assert torch.equal(codec.decode(z), codec.decode(z, VAETiling()))  # 160 x 224 is under the automatic threshold
 
 
 def test_automatic_tile_size_follows_the_budget(tiny):
@@ -180,10 +182,10 @@ def test_automatic_tile_size_follows_the_budget(tiny):
 
 def test_bad_inputs(tiny):
     with pytest.raises(SMFSRError, match=r"expected \(B, 4, H, W\)"):
-        tiled_decode(tiny, torch.randn(1, 16, 16, 16), VAETiling(decoder_tile=16))
+        tiled_decode(tiny, torch.randn(1, 16, 16, 16), VAETiling(tile=16))
     halo = max(p.halo for p in _split(decoder_steps(tiny), "exact") if hasattr(p, "halo"))
     with pytest.raises(SMFSRError, match="smaller than the halo"):
-        tiled_decode(tiny, torch.randn(1, 4, 32, 32), VAETiling(decoder_tile=halo - 1))
+        tiled_decode(tiny, torch.randn(1, 4, 32, 32), VAETiling(tile=halo - 1))
     with pytest.raises(SMFSRError, match="exact' or 'fast"):
         VAETiling(mode="quick")
 
@@ -193,7 +195,7 @@ def test_half_precision_keeps_statistics_in_float32(tiny):
     z = torch.randn(1, 4, 32, 40, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
     with torch.no_grad():
         ref = vae.decoder(z).float()
-    out = tiled_decode(vae, z, VAETiling(decoder_tile=16)).float()
+    out = tiled_decode(vae, z, VAETiling(tile=16)).float()
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     # bf16 arithmetic differs from the untiled bf16 run by rounding only
     assert (out - ref).abs().mean().item() / 2 < 0.02

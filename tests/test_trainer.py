@@ -3,7 +3,6 @@ method itself on a toy problem with a known answer."""
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import subprocess
@@ -16,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
-from tests.conftest import TINY_TRAIN_CONFIG, photo_like, train
+from tests.helpers import TINY_TRAIN_CONFIG, build_networks, photo_like, stage_loss, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TINY_TRAIN_CONFIG
@@ -41,7 +40,7 @@ def fixed_batch_loss(config_args: list[str], photos: Path, out: Path, state: dic
     """The stage loss on one fixed batch, for a model with the given weights."""
     from smfsr_trainer.config import load_config
     from smfsr_trainer.data import SRPairs
-    from smfsr_trainer.train import build_networks, compute_loss, step_generator
+    from smfsr_trainer.train import step_generator
 
     config, _ = load_config(["--config", TINY, "--train-dir", str(photos), "--output-dir", str(out), *config_args])
     nets = build_networks(config)
@@ -49,7 +48,7 @@ def fixed_batch_loss(config_args: list[str], photos: Path, out: Path, state: dic
         nets.trained.load_state_dict(state)
     data = SRPairs(str(photos), crop=64, scale=4, degradation="bicubic", seed=0)
     batch = {k: torch.stack([data[i][k] for i in range(4)]) for k in ("hr", "lr")}
-    return nets, compute_loss(config, nets, nets.trained, batch, step_generator(config, 12345, 0), torch.device("cpu"))
+    return nets, stage_loss(config, nets, batch, step_generator(config, 12345, 0))
 
 
 def exported_transformer_state(path: Path) -> dict:
@@ -158,8 +157,14 @@ def test_two_rank_ddp_on_cpu_ends_with_identical_weights(photos, tmp_path):
     digests = sorted((out / "flow").glob("weights-rank*.sha256"))
     assert [d.name for d in digests] == ["weights-rank0.sha256", "weights-rank1.sha256"]
     assert digests[0].read_text() == digests[1].read_text()
-    initial = hashlib.sha256()
-    assert digests[0].read_text() != initial.hexdigest()
+    # and they moved: not the weights the run started from (built as the trainer builds them)
+    from smfsr.checkpoint import build_transformer
+    from smfsr.models.presets import transformer_config
+    from smfsr_trainer.train import weights_digest
+
+    torch.manual_seed(0)
+    initial = build_transformer(transformer_config("tiny-teacher"))
+    assert digests[0].read_text() != weights_digest(initial)
 
 
 def test_isc_distillation_beats_the_teachers_one_step_on_a_toy_problem(capsys):
@@ -180,7 +185,6 @@ def test_vae_stage_trains_a_codec_with_measured_latent_statistics(photos, tmp_pa
     from smfsr.checkpoint import import_vae
     from smfsr_trainer.config import load_config
     from smfsr_trainer.stages import vae_loss
-    from smfsr_trainer.train import build_networks
 
     out = tmp_path / "vae"
     path = train(photos, out, "--stage", "vae", "--vae-preset", "tiny", "--max-steps", "20", "--learning-rate", "0.003")

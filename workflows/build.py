@@ -25,10 +25,10 @@ WIDGETS = {
     "CLIPTextEncode": ["text"],
     "Note": ["text"],
     "SMFSRModelLoader": ["model_name", "dtype"],
-    "SMFSRLREncode": ["scale", "vae_tile"],
+    "SMFSRLREncode": ["vae_tile"],
     "SMFSRSampler": ["seed", "steps", "tile_size", "tile_overlap"],
     "SMFSRTiledVAEDecode": ["tile_size", "mode"],
-    "SMFSRColorFix": ["method"],
+    "SMFSRColorFix": ["color_fix", "scale"],
     "SMFSRUpscale": ["scale", "seed", "steps", "tile_size", "tile_overlap", "color_fix", "vae_tile"],
 }
 SEEDS = {"seed"}
@@ -39,7 +39,7 @@ SOCKETS_IN = {
     "SMFSRLREncode": [("image", "IMAGE"), ("smfsr_model", "SMFSR_MODEL"), ("vae", "VAE")],
     "SMFSRSampler": [("smfsr_model", "SMFSR_MODEL"), ("lr_latent", "LATENT"), ("conditioning", "CONDITIONING")],
     "SMFSRTiledVAEDecode": [("samples", "LATENT"), ("vae", "VAE"), ("smfsr_model", "SMFSR_MODEL")],
-    "SMFSRColorFix": [("image", "IMAGE"), ("reference", "IMAGE")],
+    "SMFSRColorFix": [("image", "IMAGE"), ("reference", "IMAGE"), ("smfsr_model", "SMFSR_MODEL")],
     "SMFSRUpscale": [("image", "IMAGE"), ("smfsr_model", "SMFSR_MODEL"), ("vae", "VAE")],
 }
 SOCKETS_OUT = {
@@ -108,6 +108,7 @@ def ui_format(nodes: list[Node], note: str) -> dict:
 
 
 DEFAULT_MODEL = "smfsr-small-x4.safetensors"
+MODEL_DEFAULTS = {"steps": 0, "tile_size": 0, "tile_overlap": 0}  # 0: what the model stores
 
 
 def upscale_default() -> list[Node]:
@@ -115,8 +116,8 @@ def upscale_default() -> list[Node]:
     return [
         Node(1, "LoadImage", {"image": "example.png", "upload": "image"}, (0, 0)),
         Node(2, "SMFSRModelLoader", {"model_name": DEFAULT_MODEL, "dtype": "auto"}, (0, 350)),
-        Node(3, "SMFSRUpscale", {"scale": 4.0, "seed": 0, "steps": 1, "tile_size": 64, "tile_overlap": 24,
-                                 "color_fix": "adain", "vae_tile": 0}, (400, 0), {"image": (1, 0), "smfsr_model": (2, 0)}),
+        Node(3, "SMFSRUpscale", {"scale": 0.0, "seed": 0, **MODEL_DEFAULTS, "color_fix": "auto", "vae_tile": 0}, (400, 0),
+             {"image": (1, 0), "smfsr_model": (2, 0)}),
         Node(4, "SaveImage", {"filename_prefix": "smfsr"}, (800, 0), {"images": (3, 0)}),
     ]
 
@@ -126,11 +127,11 @@ def modular_default() -> list[Node]:
     return [
         Node(1, "LoadImage", {"image": "example.png", "upload": "image"}, (0, 0)),
         Node(2, "SMFSRModelLoader", {"model_name": DEFAULT_MODEL, "dtype": "auto"}, (0, 350)),
-        Node(3, "SMFSRLREncode", {"scale": 4.0, "vae_tile": 0}, (400, 0), {"image": (1, 0), "smfsr_model": (2, 0)}),
-        Node(4, "SMFSRSampler", {"seed": 0, "steps": 1, "tile_size": 64, "tile_overlap": 24}, (800, 0),
-             {"smfsr_model": (2, 0), "lr_latent": (3, 0)}),
+        Node(3, "SMFSRLREncode", {"vae_tile": 0}, (400, 0), {"image": (1, 0), "smfsr_model": (2, 0)}),
+        Node(4, "SMFSRSampler", {"seed": 0, **MODEL_DEFAULTS}, (800, 0), {"smfsr_model": (2, 0), "lr_latent": (3, 0)}),
         Node(5, "SMFSRTiledVAEDecode", {"tile_size": 0, "mode": "exact"}, (1200, 0), {"samples": (4, 0), "smfsr_model": (2, 0)}),
-        Node(6, "SMFSRColorFix", {"method": "adain"}, (1600, 0), {"image": (5, 0), "reference": (1, 0)}),
+        Node(6, "SMFSRColorFix", {"color_fix": "auto", "scale": 0.0}, (1600, 0),
+             {"image": (5, 0), "reference": (1, 0), "smfsr_model": (2, 0)}),
         Node(7, "SaveImage", {"filename_prefix": "smfsr_modular"}, (2000, 0), {"images": (6, 0)}),
     ]
 
@@ -156,11 +157,12 @@ def sd35() -> list[Node]:
              (0, 250), {"clip": (1, 1)}),
         Node(3, "SMFSRModelLoader", {"model_name": "smfsr_q.safetensors", "dtype": "auto"}, (0, 500)),
         Node(4, "LoadImage", {"image": "example.png", "upload": "image"}, (0, 750)),
-        Node(5, "SMFSRLREncode", {"scale": 4.0, "vae_tile": 0}, (400, 0), {"image": (4, 0), "smfsr_model": (3, 0), "vae": (1, 2)}),
-        Node(6, "SMFSRSampler", {"seed": 0, "steps": 1, "tile_size": 64, "tile_overlap": 24}, (800, 0),
+        Node(5, "SMFSRLREncode", {"vae_tile": 0}, (400, 0), {"image": (4, 0), "smfsr_model": (3, 0), "vae": (1, 2)}),
+        Node(6, "SMFSRSampler", {"seed": 0, **MODEL_DEFAULTS}, (800, 0),
              {"smfsr_model": (3, 0), "lr_latent": (5, 0), "conditioning": (2, 0)}),
         Node(7, "SMFSRTiledVAEDecode", {"tile_size": 0, "mode": "exact"}, (1200, 0), {"samples": (6, 0), "vae": (1, 2)}),
-        Node(8, "SMFSRColorFix", {"method": "adain"}, (1600, 0), {"image": (7, 0), "reference": (4, 0)}),
+        Node(8, "SMFSRColorFix", {"color_fix": "auto", "scale": 0.0}, (1600, 0),
+             {"image": (7, 0), "reference": (4, 0), "smfsr_model": (3, 0)}),
         Node(9, "SaveImage", {"filename_prefix": "smfsr_sd35"}, (2000, 0), {"images": (8, 0)}),
         Node(10, "Note", {"text": SD35_NOTE}, (400, 400), title="Files to download"),
     ]

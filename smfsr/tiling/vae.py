@@ -36,26 +36,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SMFSRError
+from ..options import VAETiling
 
 Tensor = torch.Tensor
 GroupNormFn = Callable[[nn.GroupNorm, Tensor], Tensor]
-
-
-@dataclass
-class VAETiling:
-    """How to tile. Tile sizes are tile *cores*: decoder in latent px, encoder in image px."""
-
-    mode: str = "exact"  # "exact" | "fast"
-    decoder_tile: int | None = None  # None: chosen from the memory budget
-    encoder_tile: int | None = None
-    memory_budget: int | None = None  # bytes for one tile's activations; None: free CUDA memory / 2, or 1 GiB on CPU
-    cache_budget: int | None = None  # bytes of tile activations kept between GroupNorm passes (speed only);
-    # None: free CUDA memory / 4, or 2 GiB on CPU; 0: always recompute (smallest memory, slowest)
-    threshold_pixels: int = 1024 * 1024  # codecs tile images larger than this
-
-    def __post_init__(self):
-        if self.mode not in ("exact", "fast"):
-            raise SMFSRError(f"VAE tiling mode must be 'exact' or 'fast', not {self.mode!r}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -534,19 +518,20 @@ def _check_input(x: Tensor, channels: int, what: str) -> None:
 
 
 def tiled_decode(vae: nn.Module, z: Tensor, tiling: VAETiling | None = None) -> Tensor:
-    """Raw VAE latent (B, C, h, w) -> image in [-1, 1], tiled. Core tile in latent px."""
+    """Raw VAE latent (B, C, h, w) -> image in [-1, 1], tiled. Tile core in latent px."""
     tiling = tiling or VAETiling()
     steps = decoder_steps(vae)
     _check_input(z, steps[0].in_channels, "decode")
-    core = tiling.decoder_tile or auto_tile(vae, steps, z, tiling)
+    core = tiling.tile or auto_tile(vae, steps, z, tiling)
     return _run(steps, z, core, tiling.mode, _cache_budget(z.device, tiling))
 
 
 def tiled_encode_moments(vae: nn.Module, x: Tensor, tiling: VAETiling | None = None) -> Tensor:
-    """Image in [-1, 1] (B, 3, H, W) -> posterior moments (B, 2C, H/f, W/f), tiled. Core tile in px."""
+    """Image in [-1, 1] (B, 3, H, W) -> posterior moments (B, 2C, H/f, W/f), tiled. The tile core
+    is ``tiling.tile`` latent px, i.e. that times the encoder's downscale factor f in image px."""
     tiling = tiling or VAETiling()
     steps = encoder_steps(vae)
     _check_input(x, steps[0].in_channels, "encode")
-    core = tiling.encoder_tile or auto_tile(vae, steps, x, tiling)
+    factor = round(1 / Segment(steps).scale)
+    core = tiling.tile * factor if tiling.tile else auto_tile(vae, steps, x, tiling)
     return _run(steps, x, core, tiling.mode, _cache_budget(x.device, tiling))
-

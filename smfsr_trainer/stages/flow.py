@@ -11,6 +11,12 @@ import torch
 import torch.nn.functional as F
 
 from smfsr import meanflow
+from smfsr.checkpoint import build_transformer, load_model
+from smfsr.models.presets import TEACHER_OF, transformer_config
+
+from ..conditioning import velocity_fn
+from ..networks import Networks, encode, null_condition, select_trainable, with_frozen_parts
+from .base import Stage
 
 
 def flow_matching_loss(v, x: torch.Tensor, noise: torch.Tensor, t: torch.Tensor, cond, *, precondition: bool = True
@@ -30,3 +36,34 @@ def drop_text(cond, null, prob: float, g: torch.Generator):
     embeds = torch.where(drop[:, None, None], null.embeds.expand_as(cond.embeds), cond.embeds)
     pooled = torch.where(drop[:, None], null.pooled.expand_as(cond.pooled), cond.pooled)
     return type(cond)(cond.lr_latent, embeds, pooled)
+
+
+class FlowStage(Stage):
+    name = "flow"
+
+    def build(self, config) -> Networks:
+        source = None
+        if config.init:
+            source = load_model(config.init)
+            trained = source.transformer
+        else:
+            torch.manual_seed(config.seed)
+            trained = build_transformer(transformer_config(TEACHER_OF.get(config.preset, config.preset)))
+        if trained.is_average_velocity:
+            raise SystemExit("stage flow trains a flow teacher; the init model is an average-velocity (mean-flow) model")
+        select_trainable(trained, config.trainable)
+        return with_frozen_parts(config, trained, None, source)
+
+    def batch(self, config, nets, batch, g, device):
+        x, cond = encode(nets, batch, device)
+        noise = torch.randn(x.shape, generator=g).to(device)
+        t = meanflow.logit_normal(x.shape[0], config.time_mu, config.time_sigma, generator=g).to(device)
+        return x, noise, t, drop_text(cond, null_condition(nets, cond), config.null_text_prob, g)
+
+    def losses(self, config, nets, models):
+        def loss(b):
+            x, noise, t, cond = b
+            return flow_matching_loss(velocity_fn(models["model"]), x, noise, t, cond,
+                                      precondition=config.precondition), {}
+
+        return {"model": loss}

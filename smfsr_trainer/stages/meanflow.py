@@ -11,7 +11,14 @@ from __future__ import annotations
 
 import torch
 
+from pathlib import Path
+
 from smfsr import meanflow
+from smfsr.checkpoint import build_transformer
+
+from ..conditioning import average_velocity_fn, guided, velocity_fn
+from ..networks import Networks, encode, load_bundle_of_kind, null_condition, select_trainable, with_frozen_parts
+from .base import Stage
 
 
 def meanflow_loss(u, u_target, v_teacher, x: torch.Tensor, noise: torch.Tensor, r: torch.Tensor, t: torch.Tensor,
@@ -40,8 +47,6 @@ def meanflow_loss(u, u_target, v_teacher, x: torch.Tensor, noise: torch.Tensor, 
 def student_from_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
     """An average-velocity student initialised from a flow teacher: the same weights, with the
     stock time embedding moved under ``time_text_embed_interval`` and a new interval MLP."""
-    from smfsr.checkpoint import build_transformer
-
     config = {**dict(teacher.config), "interval_embedding": True}
     student = build_transformer(config)
     state = {}
@@ -54,3 +59,40 @@ def student_from_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
     if new or unexpected:
         raise RuntimeError(f"student init from teacher: missing {new}, unexpected {unexpected}")
     return student
+
+
+def teacher_bundle(config):
+    path = config.teacher or str(Path(config.output_dir) / "flow.safetensors")
+    return load_bundle_of_kind(path, "a teacher", average_velocity=False)
+
+
+class MeanFlowStage(Stage):
+    name = "meanflow"
+
+    def build(self, config) -> Networks:
+        source = teacher_bundle(config)
+        trained = student_from_teacher(source.transformer)
+        select_trainable(trained, config.trainable)
+        return with_frozen_parts(config, trained, source.transformer, source)
+
+    def batch(self, config, nets, batch, g, device):
+        x, cond = encode(nets, batch, device)
+        n = x.shape[0]
+        noise = torch.randn(x.shape, generator=g).to(device)
+        r, t = meanflow.sample_time_pairs(n, boundary_fraction=config.boundary_fraction,
+                                          fixed_interval_fraction=config.fixed_interval_fraction,
+                                          mu=config.time_mu, sigma=config.time_sigma, generator=g)
+        lam = torch.rand(n, generator=g)
+        return x, noise, r.to(device), t.to(device), lam.to(device), cond, null_condition(nets, cond)
+
+    def losses(self, config, nets, models):
+        model = models["model"]
+        unwrapped = model.module if hasattr(model, "module") else model  # the ISC target: no DDP hooks
+
+        def loss(b):
+            x, noise, r, t, lam, cond, null = b
+            teacher_v = guided(velocity_fn(nets.teacher), config.teacher_cfg, null.embeds[:1], null.pooled[:1])
+            return meanflow_loss(average_velocity_fn(model), average_velocity_fn(unwrapped), teacher_v, x, noise,
+                                 r, t, lam, cond)
+
+        return {"model": loss}

@@ -16,20 +16,25 @@ discriminator see the sample the generator produced before its update (as in DMD
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from smfsr import meanflow
-from smfsr_trainer.discriminator import (
-    dino_features, discriminator_loss, generator_adversarial_loss, r1_penalty,
-)
-from smfsr_trainer.vsd import vsd_loss, vsd_times
 
-from .common import Condition, average_velocity_fn, guided, velocity_fn
+from ..conditioning import Condition, average_velocity_fn, guided, velocity_fn
+from ..discriminator import DiscriminatorHeads, dino_features, discriminator_loss, generator_adversarial_loss, \
+    load_dinov3, parse_layers, r1_penalty
+from ..lora import add_lora
+from ..networks import Networks, encode, load_bundle_of_kind, null_condition, select_trainable, with_frozen_parts
+from ..vsd import vsd_loss, vsd_times
+from .base import Stage
 from .flow import flow_matching_loss
+from .meanflow import teacher_bundle
 
 
 @dataclass
@@ -41,6 +46,9 @@ class RefineNets:
     backbone: torch.nn.Module | None  # DINOv3 (None: GAN off)
     heads: torch.nn.Module | None  # DiscriminatorHeads (None: GAN off)
     layers: list[int]
+
+    def frozen(self) -> list[torch.nn.Module]:
+        return [m for m in (self.teacher, self.backbone) if m is not None]
 
 
 @dataclass
@@ -150,3 +158,55 @@ def discriminator_step_loss(config, nets: RefineNets, heads: torch.nn.Module, co
         loss = loss + 0.5 * config.r1_gamma * r1
         logs["r1"] = r1.item()
     return loss, logs
+
+
+def refine_networks(config, teacher: torch.nn.Module) -> RefineNets:
+    """The frozen backbone with new heads (when the GAN term is on), and the fake score: a LoRA
+    on a teacher copy (when the VSD term is on)."""
+    backbone = heads = None
+    layers: list[int] = []
+    if config.weight_gan:
+        backbone = load_dinov3(config.dinov3)
+        layers = parse_layers(config.dino_layers, backbone.config.num_hidden_layers)
+        torch.manual_seed(config.seed)
+        heads = DiscriminatorHeads(backbone.config.hidden_size, len(layers), config.disc_width,
+                                   config.disc_conditioned).train()
+    fake = add_lora(copy.deepcopy(teacher), config.fake_lora_rank, seed=config.seed).train() if config.weight_vsd else None
+    return RefineNets(teacher, fake, backbone, heads, layers)
+
+
+class RefineStage(Stage):
+    name = "refine"
+
+    def build(self, config) -> Networks:
+        teacher = teacher_bundle(config).transformer.eval().requires_grad_(False)
+        path = config.init or str(Path(config.output_dir) / "meanflow.safetensors")
+        source = load_bundle_of_kind(path, "a student to refine (init)", average_velocity=True)
+        trained = source.transformer
+        if config.generator_lora_rank > 0:
+            add_lora(trained, config.generator_lora_rank, seed=config.seed)
+        else:
+            select_trainable(trained, config.trainable)
+        nets = with_frozen_parts(config, trained, teacher, source)
+        nets.extra = refine_networks(config, teacher)
+        return nets
+
+    def trained(self, config, nets):
+        chosen = [("generator", nets.trained, config.learning_rate)]
+        if config.weight_vsd:
+            chosen.append(("fake_score", nets.extra.fake, config.fake_learning_rate))
+        if config.weight_gan:
+            chosen.append(("discriminator", nets.extra.heads, config.disc_learning_rate))
+        return chosen
+
+    def batch(self, config, nets, batch, g, device) -> RefineBatch:
+        x, cond = encode(nets, batch, device)
+        return RefineBatch(x, cond, null_condition(nets, cond), batch["hr"].to(device), batch["lr"].to(device), g)
+
+    def losses(self, config, nets, models):
+        r = nets.extra
+        return {
+            "generator": lambda b: generator_loss(config, r, models["generator"], nets.codec, b),
+            "fake_score": lambda b: fake_score_loss(config, models["fake_score"], b),
+            "discriminator": lambda b: discriminator_step_loss(config, r, models["discriminator"], nets.codec, b),
+        }

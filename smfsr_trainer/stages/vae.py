@@ -1,4 +1,4 @@
-"""Stage ``vae``: a small AutoencoderKL for models trained from scratch (the default model).
+"""Stage ``vae``: a small AutoencoderKL for models trained from scratch.
 
     L = | D(z) - x |_1 + kl_weight * KL(q(z|x) || N(0, I)),   z ~ q(z|x)
 The exported VAE's latent scale and shift are measured on training crops, as SD3 defines them:
@@ -7,7 +7,15 @@ shift = mean(z), scale = 1 / std(z), so the core's normalised latents have unit 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
+
+from smfsr.checkpoint import build_vae, import_vae
+from smfsr.models.presets import vae_config
+
+from ..networks import Networks
+from .base import Stage
 
 
 def vae_loss(vae, image: torch.Tensor, g: torch.Generator, kl_weight: float) -> tuple[torch.Tensor, dict[str, float]]:
@@ -35,3 +43,55 @@ def latent_statistics(vae, images: torch.Tensor) -> tuple[float, float]:
         moments = vae.quant_conv(moments)
     mean = moments.chunk(2, dim=1)[0]
     return 1.0 / mean.std().item(), mean.mean().item()
+
+
+class VAEStage(Stage):
+    name = "vae"
+
+    def build(self, config) -> Networks:
+        torch.manual_seed(config.seed)
+        vae = import_vae(config.init) if config.init else build_vae(vae_config(config.vae_preset or "small"))
+        if getattr(vae, "lossless", False):
+            raise SystemExit(f"vae_preset {config.vae_preset!r} is a fixed lossless codec: there is no VAE to train. "
+                             "Skip stage vae and set vae_preset in the flow stage instead.")
+        return Networks(vae.train())
+
+    def batch(self, config, nets, batch, g, device):
+        return batch["hr"].to(device), g
+
+    def losses(self, config, nets, models):
+        return {"model": lambda b: vae_loss(models["model"], b[0], b[1], config.kl_weight)}
+
+    def _ema_vae(self, nets, ema):
+        vae = build_vae(dict(nets.trained.config))
+        ema.copy_to(vae)
+        return vae.eval()
+
+    def export(self, config, nets, ema) -> Path:
+        """The EMA VAE as a diffusers folder, its latent scale/shift measured on training crops."""
+        from ..data import SRPairs
+
+        vae = self._ema_vae(nets, ema)
+        data = SRPairs(config.train_dir, crop=config.crop, scale=config.scale, degradation="bicubic", seed=config.seed + 1)
+        images = torch.stack([data[i]["hr"] for i in range(min(len(data), 32))])
+        scale, shift = latent_statistics(vae, images)
+        vae.register_to_config(scaling_factor=scale, shift_factor=shift)
+        path = Path(config.output_dir) / "vae_model"
+        vae.save_pretrained(path, safe_serialization=True)
+        return path
+
+    @torch.no_grad()
+    def validate(self, config, nets, ema, device):
+        from kornia.metrics import psnr, ssim
+
+        from smfsr.codec import LatentCodec
+
+        from ..data import SRPairs
+
+        data = SRPairs(config.val_dir, crop=config.val_crop, scale=config.scale, degradation="bicubic",
+                       seed=config.seed, train=False)
+        hr = torch.stack([data[i]["hr"] for i in range(min(config.val_count, len(data)))])
+        codec = LatentCodec.raw(self._ema_vae(nets, ema))
+        recon = codec.decode(codec.encode(hr))
+        return {"val/psnr": psnr(recon, hr, 1.0).mean().item(), "val/ssim": ssim(recon, hr, 11).mean().item()}, \
+            torch.cat([recon, hr], -1)

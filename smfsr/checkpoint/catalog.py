@@ -7,8 +7,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..checkpoint import is_bundle, read_header
 from ..errors import CheckpointError
+from .bundle import is_bundle
+from .safe_read import read_header
 
 
 @dataclass(frozen=True)

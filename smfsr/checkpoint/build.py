@@ -1,0 +1,122 @@
+"""Networks from configs, and a file's tensors checked against them before anything is loaded.
+
+Every key and shape is checked, and one message says what is missing, extra or mis-shaped (the
+official loader's ``strict=False`` silently ignores all three). Networks are built on the meta
+device and adopt the file's tensors, so loading allocates memory once.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..errors import CheckpointError
+from ..models.space_to_depth import SpaceToDepthVAE, is_space_to_depth
+from ..models.transformer import SMFSRTransformer
+
+# Tensors a file may lack: a buffer we can recompute, and modules the official code builds but
+# never runs (method.md 5.4, 5.5, 6.5). Absent ones are filled (recomputed / zeros), never used.
+OPTIONAL_TRANSFORMER_KEYS = re.compile(
+    r"^(pos_embed\.pos_embed"
+    r"|interval_embedder\.\d+\.(weight|bias)"
+    r"|transformer_blocks\.\d+\.attn2\.(add_[qkv]_proj|to_add_out|norm_added_[qk])\.(weight|bias))$"
+)
+
+
+def expected_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple[int, ...]]:
+    """The state-dict shapes of a module, built on the meta device (no memory is allocated)."""
+    with torch.device("meta"):
+        module = build()
+    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+
+
+def check_state(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], *, what: str,
+                path: Path | str, optional: re.Pattern | None = None) -> None:
+    """Raise one readable CheckpointError listing missing, unexpected and mis-shaped tensors."""
+    missing = [k for k in expected if k not in found and not (optional and optional.match(k))]
+    extra = [k for k in found if k not in expected]
+    wrong = [k for k in expected if k in found and tuple(found[k]) != tuple(expected[k])]
+    if not (missing or extra or wrong):
+        return
+
+    def listing(keys: list[str], show: Callable[[str], str]) -> str:
+        shown = "\n".join(f"    {show(k)}" for k in keys[:8])
+        return shown + (f"\n    ... and {len(keys) - 8} more" if len(keys) > 8 else "")
+
+    parts = [f"{path} does not match the {what} it should contain:"]
+    if missing:
+        parts.append(f"  {len(missing)} missing: \n" + listing(missing, lambda k: f"{k} {list(expected[k])}"))
+    if extra:
+        parts.append(f"  {len(extra)} unexpected: \n" + listing(extra, lambda k: f"{k} {list(found[k])}"))
+    if wrong:
+        parts.append(f"  {len(wrong)} with the wrong shape:\n"
+                     + listing(wrong, lambda k: f"{k}: file {list(found[k])}, expected {list(expected[k])}"))
+    parts.append("The file may be damaged, belong to a different model, or come from an incompatible tool. "
+                 "Check `smfsr info` on it, or re-create it with `smfsr convert`.")
+    raise CheckpointError("\n".join(parts))
+
+
+def _build(cls: type, config: dict[str, Any], what: str, path: Path | str):
+    accepted = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    config = {k: v for k, v in config.items() if not k.startswith("_")}
+    unknown = sorted(set(config) - accepted)
+    if unknown:
+        raise CheckpointError(
+            f"{path}: the {what} config has settings this SMFSR version does not know: {', '.join(unknown)}. "
+            "It was probably written by a newer SMFSR; upgrade SMFSR."
+        )
+    try:
+        return cls(**config)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{path}: cannot build the {what} from its config ({e})") from None
+
+
+def build_transformer(config: dict[str, Any], path: Path | str = "<config>") -> SMFSRTransformer:
+    return _build(SMFSRTransformer, config, "transformer", path)
+
+
+def build_vae(config: dict[str, Any], path: Path | str = "<config>"):
+    """A diffusers ``AutoencoderKL``, or the parameter-free space-to-depth codec its config names."""
+    if is_space_to_depth(config):
+        return _build(SpaceToDepthVAE, {k: v for k, v in config.items() if k != "latent_channels"}, "VAE", path)
+    from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
+
+    return _build(AutoencoderKL, config, "VAE", path)
+
+
+def load_into(build: Callable[[], torch.nn.Module], tensors: dict[str, torch.Tensor],
+              fill: Callable[[str, torch.nn.Module], torch.Tensor] | None = None) -> torch.nn.Module:
+    """Build on meta, adopt the (already checked) tensors, and ``fill`` any optional tensor the
+    file lacked."""
+    with torch.device("meta"):
+        module = build()
+    module.load_state_dict(tensors, strict=False, assign=True)
+    for name, tensor in list(module.state_dict(keep_vars=True).items()):
+        if tensor.is_meta:
+            if fill is None:  # unreachable after check_state, which lists missing tensors first
+                raise CheckpointError(f"tensor {name} is missing")
+            owner_name, _, attr = name.rpartition(".")
+            owner = module.get_submodule(owner_name)
+            value = fill(name, module)
+            if isinstance(tensor, torch.nn.Parameter):
+                setattr(owner, attr, torch.nn.Parameter(value, requires_grad=tensor.requires_grad))
+            else:
+                owner.register_buffer(attr, value)
+    return module
+
+
+def fill_transformer(name: str, model: torch.nn.Module) -> torch.Tensor:
+    """An optional transformer tensor the file lacks: the sin-cos position table, or zeros for a
+    module the official code builds but never runs."""
+    if name == "pos_embed.pos_embed":
+        from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+        embed = model.pos_embed
+        pe = get_2d_sincos_pos_embed(embed.proj.out_channels, embed.pos_embed_max_size, base_size=embed.base_size,
+                                     interpolation_scale=embed.interpolation_scale, output_type="pt")
+        return pe.float().unsqueeze(0)
+    return torch.zeros(model.state_dict(keep_vars=True)[name].shape)

@@ -1,0 +1,230 @@
+"""SMFSR bundles: one ``.safetensors`` file that every door loads (design.md).
+
+Layout: tensors ``transformer.*`` (the velocity net), optional ``vae.*`` (a diffusers AutoencoderKL),
+optional ``prompt.embeds`` (1, L, joint_dim) and ``prompt.pooled`` (1, pooled_dim); the safetensors
+header metadata holds the format version, both configs as JSON, the pipeline defaults (upscale
+factor, steps, VAE scale/shift, ...), licence and provenance.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import CheckpointError
+from .build import OPTIONAL_TRANSFORMER_KEYS, build_transformer, build_vae, check_state, expected_shapes, \
+    fill_transformer, load_into
+from .safe_read import Header, load_tensors, read_header
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class PipelineDefaults:
+    """How a model is meant to be run; stored with it and overridable at every door."""
+
+    upscale: int = 4
+    steps: int = 1
+    process_size: int = 512  # official: LR images are first resized so min side >= process_size / upscale
+    vae_scaling_factor: float = 1.5305
+    vae_shift_factor: float = 0.0609
+    latent_tile: int = 64  # official: 64 latent px (512 px), overlap 24
+    latent_overlap: int = 24
+    color_fix: str = "adain"
+    lr_latent: str = "sample"  # official: the LR posterior is sampled, not its mode
+    flow_shift: float = 3.0  # Euler time shift when the model is a flow teacher (SD3.5: 3.0)
+    prompt: str = ""
+    max_steps: int = 0  # 0: any number of steps works; 1: a one-step-only model (doors refuse more)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "PipelineDefaults":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in values.items() if k in known})
+
+
+@dataclass
+class Bundle:
+    """A loaded model: the networks plus what is needed to run them."""
+
+    transformer: torch.nn.Module
+    vae: torch.nn.Module | None = None
+    prompt_embeds: torch.Tensor | None = None
+    prompt_pooled: torch.Tensor | None = None
+    defaults: PipelineDefaults = field(default_factory=PipelineDefaults)
+    license: str = ""
+    provenance: str = ""
+    source: str = ""
+
+
+@dataclass
+class BundleInfo:
+    """What a bundle's header says, read without loading a tensor (for ``smfsr info`` and for
+    checking a door's options before the weights load)."""
+
+    path: Path
+    transformer_config: dict[str, Any]
+    vae_config: dict[str, Any] | None
+    defaults: PipelineDefaults
+    header: Header
+    metadata: dict[str, str]
+
+    @property
+    def has_prompt(self) -> bool:
+        return "prompt.embeds" in self.header
+
+
+def is_bundle(metadata: dict[str, str]) -> bool:
+    return "smfsr_format" in metadata
+
+
+def _meta_json(metadata: dict[str, str], key: str, path: Path) -> Any:
+    try:
+        return json.loads(metadata[key]) if key in metadata else None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: its metadata entry {key!r} is not valid JSON ({e}); re-export the file") from None
+
+
+def read_bundle_info(path: str | os.PathLike) -> BundleInfo:
+    path = Path(path)
+    metadata, header = read_header(path)
+    if not is_bundle(metadata):
+        hint = ""
+        if any(k.startswith("transformer_blocks.") for k in header):
+            hint = (" It looks like a bare transformer state dict (the official release's "
+                    "diffusion_pytorch_model.safetensors); pass the folder that holds transformer/config.json, "
+                    "or make a bundle with `smfsr convert`.")
+        raise CheckpointError(f"{path} is a safetensors file but not an SMFSR bundle (no smfsr metadata).{hint}")
+    version = int(metadata["smfsr_format"])
+    if version > FORMAT_VERSION:
+        raise CheckpointError(f"{path} uses bundle format {version}; this SMFSR reads up to {FORMAT_VERSION}. Upgrade SMFSR.")
+    t_config = _meta_json(metadata, "smfsr_transformer_config", path)
+    if t_config is None:
+        raise CheckpointError(f"{path}: bundle metadata lacks the transformer config; re-export the file")
+    return BundleInfo(path, t_config, _meta_json(metadata, "smfsr_vae_config", path),
+                      PipelineDefaults.from_dict(_meta_json(metadata, "smfsr_pipeline", path) or {}), header, metadata)
+
+
+def save_bundle(path: str | os.PathLike, bundle: Bundle, *, overwrite: bool = False,
+                dtype: torch.dtype | None = None) -> Path:
+    """Write ``bundle`` as one safetensors file, atomically; refuses to replace a file unless asked."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise CheckpointError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite)")
+
+    def cast(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach().to("cpu")
+        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+
+    tensors = {f"transformer.{k}": cast(v) for k, v in bundle.transformer.state_dict().items()}
+    metadata = {
+        "smfsr_format": str(FORMAT_VERSION),
+        "smfsr_transformer_config": json.dumps(dict(bundle.transformer.config)),
+        "smfsr_pipeline": json.dumps(dataclasses.asdict(bundle.defaults)),
+        "smfsr_license": bundle.license,
+        "smfsr_provenance": bundle.provenance,
+    }
+    if bundle.vae is not None:
+        tensors.update({f"vae.{k}": cast(v) for k, v in bundle.vae.state_dict().items()})
+        metadata["smfsr_vae_config"] = json.dumps(dict(bundle.vae.config))
+    if bundle.prompt_embeds is not None:
+        tensors["prompt.embeds"] = cast(bundle.prompt_embeds)
+        tensors["prompt.pooled"] = cast(bundle.prompt_pooled)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved model should be like any other file
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _split(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
+def load_bundle(path: str | os.PathLike, *, device: str | torch.device = "cpu",
+                dtype: torch.dtype | None = None) -> Bundle:
+    """Load and validate a bundle file. ``dtype`` casts floating tensors (default: as stored)."""
+    info = read_bundle_info(path)
+    path = info.path
+    shapes = {k: v[0] for k, v in info.header.items()}
+
+    def make_transformer():
+        return build_transformer(info.transformer_config, path)
+
+    def make_vae():
+        return build_vae(info.vae_config, path)
+
+    expected = {f"transformer.{k}": s for k, s in expected_shapes(make_transformer).items()}
+    if info.vae_config is not None:
+        expected.update({f"vae.{k}": s for k, s in expected_shapes(make_vae).items()})
+    prompt_keys = {k: shapes[k] for k in ("prompt.embeds", "prompt.pooled") if k in shapes}
+    expected.update(prompt_keys)
+    optional = re.compile(r"^transformer\.(" + OPTIONAL_TRANSFORMER_KEYS.pattern.strip("^$") + r")$")
+    check_state(expected, shapes, what="SMFSR bundle", path=path, optional=optional)
+    if len(prompt_keys) == 1:
+        raise CheckpointError(f"{path} has only one of prompt.embeds / prompt.pooled; it needs both or neither")
+
+    tensors = load_tensors(path)
+    transformer = load_into(make_transformer, _split(tensors, "transformer."), fill_transformer)
+    vae = load_into(make_vae, _split(tensors, "vae.")) if info.vae_config is not None else None
+    bundle = Bundle(
+        transformer=transformer, vae=vae,
+        prompt_embeds=tensors.get("prompt.embeds"), prompt_pooled=tensors.get("prompt.pooled"),
+        defaults=info.defaults, license=info.metadata.get("smfsr_license", ""),
+        provenance=info.metadata.get("smfsr_provenance", ""), source=str(path),
+    )
+    return to_device(bundle, device, dtype)
+
+
+def to_device(bundle: Bundle, device: str | torch.device, dtype: torch.dtype | None) -> Bundle:
+    def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None:
+            return None
+        return t.to(device=device, dtype=dtype) if dtype is not None else t.to(device)
+
+    # nn.Module.to, not ModelMixin.to: the latter warns about fp32-only modules these models lack
+    for module in (bundle.transformer, bundle.vae):
+        if module is not None:
+            torch.nn.Module.to(module, device=device, dtype=dtype).eval().requires_grad_(False)
+    bundle.prompt_embeds, bundle.prompt_pooled = move(bundle.prompt_embeds), move(bundle.prompt_pooled)
+    return bundle
+
+
+def read_prompt_file(file: str | os.PathLike) -> tuple[torch.Tensor, torch.Tensor]:
+    """A safetensors file with ``embeds`` (1, L, D) and ``pooled`` (1, P): a precomputed prompt."""
+    file = Path(file)
+    _, header = read_header(file)
+    missing = {"embeds", "pooled"} - set(header)
+    if missing:
+        raise CheckpointError(f"{file}: a prompt file needs tensors 'embeds' (1, L, D) and 'pooled' (1, P); "
+                              f"missing {sorted(missing)}")
+    tensors = load_tensors(file)
+    embeds, pooled = tensors["embeds"], tensors["pooled"]
+    if embeds.ndim == 2:
+        embeds = embeds[None]
+    if pooled.ndim == 1:
+        pooled = pooled[None]
+    return embeds, pooled

@@ -1,0 +1,98 @@
+"""Reading model files safely: safetensors only, never a pickle (unpickling runs code).
+
+A file is recognised by its content, not its name: a safetensors file starts with its header
+length (u64, little-endian) and then '{'; a PyTorch pickle is a zip container or a raw pickle.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from ..errors import CheckpointError
+
+PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
+Header = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype)
+
+# What a user who trusts a pickled checkpoint can run to convert it. torch.load(weights_only=True)
+# is PyTorch's tensor-only unpickler; nested checkpoints ({"state_dict": {...}, "epoch": 3}) are
+# flattened to dotted names, and anything that is not a tensor is dropped.
+CONVERSION_SCRIPT = """\
+import sys, torch
+from safetensors.torch import save_file
+def flat(d, prefix=""):
+    for k, v in d.items():
+        if isinstance(v, dict):
+            yield from flat(v, f"{prefix}{k}.")
+        elif isinstance(v, torch.Tensor):
+            yield prefix + k, v.contiguous()
+sd = torch.load(sys.argv[1], map_location="cpu", weights_only=True)
+for wrapper in ("state_dict", "model", "module", "params_ema", "params"):
+    if isinstance(sd.get(wrapper), dict):
+        sd = sd[wrapper]
+        break
+save_file(dict(flat(sd)), sys.argv[2])
+"""
+
+
+def looks_like_safetensors(head: bytes, size: int) -> bool:
+    return len(head) >= 9 and head[8:9] == b"{" and 0 < int.from_bytes(head[:8], "little") <= size - 8
+
+
+def looks_like_pickle(head: bytes) -> bool:
+    """torch.save's zip container, or a raw pickle (protocol 2-5 starts with 0x80, protocol)."""
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
+def refuse_pickle(path: Path) -> None:
+    """Raise if ``path`` looks like a pickled PyTorch checkpoint (by content, else by suffix)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    if looks_like_safetensors(head, path.stat().st_size):
+        return
+    if looks_like_pickle(head) or path.suffix.lower() in PICKLE_SUFFIXES:
+        script = path.with_name("to_safetensors.py")
+        raise CheckpointError(
+            f"{path} is a pickled PyTorch checkpoint. SMFSR only reads .safetensors files, because "
+            "unpickling a file can run arbitrary code. If you trust the file, save these lines as "
+            f"{script.name}:\n\n{CONVERSION_SCRIPT}\nand run once, in an environment with torch and safetensors:\n"
+            f"  python {script.name} '{path.name}' '{path.stem}.safetensors'\n"
+            "then pass the .safetensors file (official folders: `smfsr convert`)."
+        )
+
+
+def check_file(path: str | os.PathLike, what: str = "model file") -> Path:
+    """``path`` as a Path if it is a readable, non-empty, non-pickle file; a clear error if not."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such file")
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a folder; expected a .safetensors {what}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): the download or copy did not finish")
+    refuse_pickle(path)
+    return path
+
+
+def read_header(path: str | os.PathLike) -> tuple[dict[str, str], Header]:
+    """Metadata and {name: (shape, dtype)} of a safetensors file, without loading tensors."""
+    from safetensors import safe_open
+
+    path = check_file(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = dict(f.metadata() or {})
+            shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({e}). It may be truncated (an unfinished "
+            "download) or not a safetensors file at all; download or export it again."
+        ) from None
+    return metadata, shapes
+
+
+def load_tensors(path: str | os.PathLike, device: str = "cpu"):
+    """Every tensor of a safetensors file (after :func:`read_header` has vetted it)."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path), device=device)

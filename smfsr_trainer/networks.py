@@ -1,0 +1,152 @@
+"""What every stage builds from: the frozen VAE and prompt, bundles of the right kind, and the
+exported bundle (``to_bundle``). Stage-specific networks are built by the stages themselves."""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from smfsr.checkpoint import Bundle, PipelineDefaults, build_transformer, build_vae, import_vae, load_model, \
+    read_header, read_prompt_file
+from smfsr.codec import LatentCodec
+from smfsr.models.presets import vae_config
+
+from .config import TrainConfig
+from .ema import EMA
+from .lora import has_lora, merged_state_dict
+from .conditioning import Condition
+
+
+@dataclass
+class Networks:
+    trained: torch.nn.Module  # the network this stage trains and exports
+    teacher: torch.nn.Module | None = None  # frozen (meanflow, refine)
+    codec: LatentCodec | None = None  # frozen VAE + latent normalisation (None in stage vae)
+    prompt: tuple[torch.Tensor, torch.Tensor] | None = None  # (embeds, pooled) used for every sample
+    null: tuple[torch.Tensor, torch.Tensor] | None = None  # the empty prompt, for text dropout and CFG
+    extra: Any = None  # what a stage adds (refine: fake score, discriminator)
+
+    def frozen_modules(self) -> list[torch.nn.Module]:
+        """Networks that only run forward: moved to the device by the loop, never prepared."""
+        found = [self.teacher, self.codec.vae if self.codec is not None else None]
+        found += list(getattr(self.extra, "frozen", lambda: [])())
+        return [m for m in found if m is not None]
+
+
+def load_vae(config: TrainConfig, fallback: Bundle | None) -> tuple[torch.nn.Module, float, float]:
+    """The VAE (and its latent scale/shift): ``config.vae``, else the fallback bundle's, else a preset."""
+    if config.vae:
+        metadata, _ = read_header(config.vae) if Path(config.vae).is_file() else ({}, {})
+        if "smfsr_format" in metadata:
+            bundle = load_model(config.vae)
+            if bundle.vae is None:
+                raise SystemExit(f"{config.vae} has no VAE")
+            return bundle.vae, bundle.defaults.vae_scaling_factor, bundle.defaults.vae_shift_factor
+        vae = import_vae(config.vae)
+        return vae, float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
+    if fallback is not None and fallback.vae is not None:
+        return fallback.vae, fallback.defaults.vae_scaling_factor, fallback.defaults.vae_shift_factor
+    if config.vae_preset:
+        cfg = vae_config(config.vae_preset)
+        torch.manual_seed(config.seed)
+        return build_vae(cfg), float(cfg["scaling_factor"]), float(cfg["shift_factor"])
+    raise SystemExit("config: set vae (a bundle or diffusers VAE) or vae_preset")
+
+
+def text(path: str | None, joint: int, pooled: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if path:
+        return read_prompt_file(path)
+    return torch.zeros(1, 1, joint), torch.zeros(1, pooled)  # a "null" prompt for caption-free training
+
+
+def load_bundle_of_kind(path: str, what: str, *, average_velocity: bool) -> Bundle:
+    """A bundle whose transformer is (``average_velocity``) a mean-flow student or a flow teacher."""
+    if not Path(path).exists():
+        raise SystemExit(f"stage needs {what}: {path} does not exist (run the stage that exports it, or set it)")
+    bundle = load_model(path)
+    if bundle.transformer.is_average_velocity != average_velocity:
+        kind = "a mean-flow (one-step) student" if average_velocity else "a flow teacher"
+        raise SystemExit(f"{path} is not {kind}, as {what} must be")
+    return bundle
+
+
+def select_trainable(model: torch.nn.Module, mode: str) -> None:
+    """``all``, or ``control``: only the DiT4SR LR-stream layers (+ the interval embedding, which a
+    student initialised from a teacher must learn)."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(mode == "all" or "control" in name or "interval_embedder" in name)
+
+
+def with_frozen_parts(config: TrainConfig, trained: torch.nn.Module, teacher: torch.nn.Module | None,
+                      source: Bundle | None) -> Networks:
+    """The trained network plus the frozen VAE and the prompts (from ``source`` unless configured)."""
+    if config.gradient_checkpointing:
+        trained.enable_gradient_checkpointing()
+    vae, scale, shift = load_vae(config, source)
+    vae.eval().requires_grad_(False)
+    c = trained.config
+    prompt = text(config.prompt_embeds, c.joint_attention_dim, c.pooled_projection_dim)
+    if source is not None and source.prompt_embeds is not None and not config.prompt_embeds:
+        prompt = (source.prompt_embeds, source.prompt_pooled)
+    null = text(config.null_prompt_embeds, c.joint_attention_dim, c.pooled_projection_dim)
+    if teacher is not None:
+        teacher.eval().requires_grad_(False)
+    return Networks(trained, teacher, LatentCodec(scale, shift, vae), prompt, null)
+
+
+def encode(nets: Networks, batch: dict, device: torch.device) -> tuple[torch.Tensor, Condition]:
+    """HR latents (posterior means: the targets) and the condition (bicubic LR latent + prompt)."""
+    hr, lr = batch["hr"].to(device), batch["lr"].to(device)
+    control = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    with torch.no_grad():
+        x = nets.codec.encode(hr).float()
+        lr_latent = nets.codec.encode(control).float()
+    n = hr.shape[0]
+    embeds, pooled = (t.to(device).expand(n, *t.shape[1:]) for t in nets.prompt)
+    return x, Condition(lr_latent, embeds, pooled)
+
+
+def null_condition(nets: Networks, cond: Condition) -> Condition:
+    """The same condition with the null prompt (text dropout, classifier-free guidance)."""
+    device = cond.embeds.device
+    return Condition(cond.lr_latent, nets.null[0].to(device).expand_as(cond.embeds),
+                     nets.null[1].to(device).expand_as(cond.pooled))
+
+
+def ema_model(nets: Networks, ema: EMA) -> torch.nn.Module:
+    """The EMA weights as a plain transformer (a LoRA generator's adapters merged in)."""
+    model = build_transformer(dict(nets.trained.config))
+    if has_lora(nets.trained):
+        adapted = copy.deepcopy(nets.trained)
+        ema.copy_to(adapted)
+        model.load_state_dict(merged_state_dict(adapted))
+    else:
+        ema.copy_to(model)
+    return model.eval().requires_grad_(False)
+
+
+def default_steps(config: TrainConfig, value: int) -> int:
+    return value or (1 if config.stage in ("meanflow", "refine") else 25)
+
+
+def to_bundle(config: TrainConfig, nets: Networks, model: torch.nn.Module) -> Bundle:
+    tile = max(16, 2 * config.crop // 8)
+    defaults = PipelineDefaults(
+        upscale=config.scale, steps=default_steps(config, config.export_steps),
+        process_size=config.process_size or config.crop, vae_scaling_factor=nets.codec.scaling_factor,
+        vae_shift_factor=nets.codec.shift_factor, latent_tile=tile, latent_overlap=tile // 4, flow_shift=1.0,
+    )
+    return Bundle(transformer=model, vae=nets.codec.vae, prompt_embeds=nets.prompt[0], prompt_pooled=nets.prompt[1],
+                  defaults=defaults, license="Apache-2.0 (weights trained with the SMFSR trainer)",
+                  provenance=f"smfsr_trainer stage {config.stage}, config: {json.dumps(config_summary(config))}")
+
+
+def config_summary(config: TrainConfig) -> dict:
+    keys = ("stage", "preset", "crop", "scale", "degradation", "batch_size", "learning_rate", "max_steps",
+            "boundary_fraction", "fixed_interval_fraction", "seed")
+    return {k: getattr(config, k) for k in keys}

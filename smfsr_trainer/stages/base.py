@@ -1,0 +1,71 @@
+"""The one interface every stage has, so ``train.py`` is only the loop.
+
+A stage builds its networks, names the networks that train (in update order, the first being the
+one the EMA follows and the stage exports), turns a data batch into what its losses read, gives
+each trained network its loss, and exports and validates its result.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from ..config import TrainConfig
+from ..ema import EMA
+from ..networks import Networks, default_steps, ema_model, to_bundle
+
+LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
+
+
+class Stage(ABC):
+    name: str = ""
+
+    @abstractmethod
+    def build(self, config: TrainConfig) -> Networks:
+        """The networks: the one that trains, and whatever it trains against."""
+
+    def trained(self, config: TrainConfig, nets: Networks) -> list[tuple[str, torch.nn.Module, float]]:
+        """(name, network, learning rate) of each network that trains, in update order."""
+        return [("model", nets.trained, config.learning_rate)]
+
+    @abstractmethod
+    def batch(self, config: TrainConfig, nets: Networks, batch: dict, g: torch.Generator, device: torch.device) -> Any:
+        """What the losses read, from a data batch and the micro-batch's random generator."""
+
+    @abstractmethod
+    def losses(self, config: TrainConfig, nets: Networks, models: dict[str, torch.nn.Module]) -> dict[str, LossFn]:
+        """The loss of each trained network; ``models`` are those networks as accelerate prepared them."""
+
+    def export(self, config: TrainConfig, nets: Networks, ema: EMA) -> Path:
+        """The EMA weights as a bundle every door loads: ``<output_dir>/<stage>.safetensors``."""
+        from smfsr.checkpoint import save_bundle
+
+        path = Path(config.output_dir) / f"{config.stage}.safetensors"
+        return save_bundle(path, to_bundle(config, nets, ema_model(nets, ema)), overwrite=True)
+
+    @torch.no_grad()
+    def validate(self, config: TrainConfig, nets: Networks, ema: EMA, device: torch.device
+                 ) -> tuple[dict[str, float], torch.Tensor]:
+        """PSNR/SSIM of the EMA model on the validation crops through the real pipeline; returns
+        the metrics and a (bicubic | result | ground truth) strip for the log."""
+        from kornia.metrics import psnr, ssim
+
+        from smfsr.options import UpscaleOptions, VAETiling
+        from smfsr.pipeline import SMFSRUpscaler
+
+        from ..data import SRPairs
+
+        data = SRPairs(config.val_dir, crop=config.val_crop, scale=config.scale, degradation=config.degradation,
+                       seed=config.seed, train=False)
+        items = [data[i] for i in range(min(config.val_count, len(data)))]
+        hr = torch.stack([it["hr"] for it in items])
+        lr = torch.stack([it["lr"] for it in items])
+        upscaler = SMFSRUpscaler(to_bundle(config, nets, ema_model(nets, ema).to(device)))
+        options = UpscaleOptions(steps=default_steps(config, config.val_steps), vae_tiling=VAETiling.off())
+        sr = upscaler(lr, options, seeds=list(range(len(lr))))
+        bicubic = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic").clamp(0, 1)
+        metrics = {"val/psnr": psnr(sr, hr, 1.0).mean().item(), "val/ssim": ssim(sr, hr, 11).mean().item()}
+        return metrics, torch.cat([bicubic, sr, hr], -1)
