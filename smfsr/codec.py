@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 from .options import VAETiling
-from .tiling.vae import decoder_steps, tiled_decode, tiled_encode_moments
+from .tiling.vae import decoder_factor, latent_channels, tiled_decode, tiled_encode_moments
 
 
 @dataclass
@@ -53,13 +53,13 @@ class LatentCodec(LatentScale):
     def downscale(self) -> int:
         if self.lossless:
             return self.vae.factor
-        return 2 ** sum(1 for step in decoder_steps(self.vae) if step.scale == 2.0)
+        return decoder_factor(self.vae)
 
     @property
     def latent_channels(self) -> int:
         if self.lossless:
             return self.vae.latent_channels
-        return int(decoder_steps(self.vae)[0].in_channels)
+        return latent_channels(self.vae)
 
     def _to_vae(self, x: torch.Tensor) -> torch.Tensor:
         """``x`` on the VAE's device and dtype (a VAE without tensors runs wherever ``x`` is)."""

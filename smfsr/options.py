@@ -14,27 +14,22 @@ from dataclasses import dataclass, replace
 from .errors import SMFSRError
 
 COLOR_FIXES = ("adain", "wavelet", "none")
-VAE_TILE_MODES = ("exact", "fast")
 MAX_SCALE = 16.0
 
 
 @dataclass(frozen=True)
 class VAETiling:
-    """How the VAE is tiled. ``tile`` is the decoder's tile core in latent px; the encoder's is the
-    same area in image px (x the codec's own downscale factor). ``tile=None`` chooses the size from
-    free memory and tiles only images above ``threshold_pixels``; an explicit tile always tiles."""
+    """How the VAE is tiled (always exactly: tiled == untiled, tiling/vae.py). ``tile`` is the
+    decoder's tile core in latent px; the encoder's is the same area in image px (x the codec's own
+    downscale factor). ``tile=None`` chooses the size from free memory and tiles only images above
+    ``threshold_pixels``; an explicit tile always tiles."""
 
-    mode: str = "exact"  # "exact": tiled == untiled | "fast": approximate statistics, per-tile attention
     tile: int | None = None
     enabled: bool = True  # False: never tile
     memory_budget: int | None = None  # bytes for one tile's activations; None: free CUDA memory / 2, or 1 GiB on CPU
-    cache_budget: int | None = None  # bytes of tile activations kept between GroupNorm passes (speed only);
-    # None: free CUDA memory / 4, or 2 GiB on CPU; 0: always recompute (smallest memory, slowest)
     threshold_pixels: int = 1024 * 1024  # automatic tiling starts above this many image pixels
 
     def __post_init__(self):
-        if self.mode not in VAE_TILE_MODES:
-            raise SMFSRError(f"VAE tiling mode must be 'exact' or 'fast', not {self.mode!r}")
         if self.tile is not None and self.tile < 1:
             raise SMFSRError(f"the VAE tile must be at least 1 latent px, got {self.tile}")
 
@@ -47,17 +42,17 @@ class VAETiling:
         return self.enabled and (self.tile is not None or image_pixels > self.threshold_pixels)
 
     @classmethod
-    def parse(cls, value: str | int | None, mode: str = "exact") -> "VAETiling":
+    def parse(cls, value: str | int | None) -> "VAETiling":
         """'auto' / 0 / None: automatic; 'off': never; N: tile N latent px."""
         if value in (None, "auto", 0, "0"):
-            return cls(mode=mode)
+            return cls()
         if value == "off":
-            return cls(mode=mode, enabled=False)
+            return cls(enabled=False)
         try:
             tile = int(value)
         except (TypeError, ValueError):
             raise SMFSRError(f"VAE tile must be 'auto', 'off' or a number of latent px, not {value!r}") from None
-        return cls(mode=mode, tile=tile)
+        return cls(tile=tile)
 
 
 @dataclass(frozen=True)
@@ -74,13 +69,12 @@ class UpscaleOptions:
 
     @classmethod
     def from_widgets(cls, *, scale: float = 0, seed: int = 0, steps: int = 0, tile_size: int = 0,
-                     tile_overlap: int = 0, color_fix: str = "auto", vae_tile: int | str = 0,
-                     vae_tile_mode: str = "exact") -> "UpscaleOptions":
+                     tile_overlap: int = 0, color_fix: str = "auto", vae_tile: int | str = 0) -> "UpscaleOptions":
         """Options as GUI doors (ComfyUI, A1111, the app) hold them: 0 and "auto" mean the model's default."""
         return cls(scale=float(scale) or None, seed=int(seed), steps=int(steps) or None,
                    tile_size=int(tile_size) or None, tile_overlap=int(tile_overlap) or None,
                    color_fix=None if color_fix in (None, "", "auto") else str(color_fix),
-                   vae_tiling=VAETiling.parse(vae_tile, vae_tile_mode))
+                   vae_tiling=VAETiling.parse(vae_tile))
 
     def check(self) -> "UpscaleOptions":
         """Every value on its own (no model needed); raises SMFSRError. Returns self."""

@@ -1,4 +1,5 @@
-"""Exact tiled VAE: tiled == untiled for diffusers and ldm-named (ComfyUI) VAEs, any size."""
+"""Exact tiled VAE, segment by segment: tiled == untiled for diffusers and ldm-named (ComfyUI) VAEs,
+any image size, any tile size."""
 
 from __future__ import annotations
 
@@ -11,8 +12,8 @@ from smfsr.codec import LatentCodec
 from smfsr.errors import SMFSRError
 from smfsr.models.presets import vae_config
 from smfsr.options import VAETiling
-from smfsr.tiling.vae import decoder_steps, tiled_decode, tiled_encode_moments, _split
-from tests.helpers import photo_like
+from smfsr.tiling.vae import auto_tile, decoder_segments, encoder_segments, tiled_decode, tiled_encode_moments
+from tests.helpers import ldm_vae, photo_like
 
 TOLERANCE = 1e-4  # max abs error, images in [0, 1]
 
@@ -63,11 +64,25 @@ def test_exact_encode_matches_untiled(tiny, hw, tile):
     assert (out - ref).abs().max().item() <= TOLERANCE
 
 
-def test_result_does_not_depend_on_tile_size(tiny):
-    z = torch.randn(2, 4, 48, 40, generator=torch.Generator().manual_seed(1))  # a batch of two
-    a = tiled_decode(tiny, z, VAETiling(tile=16))
-    b = tiled_decode(tiny, z, VAETiling(tile=32, cache_budget=0))  # recompute path, no cache
-    assert (a - b).abs().max().item() / 2 <= TOLERANCE
+def test_result_does_not_depend_on_tile_size_even_a_single_latent_pixel(tiny):
+    """A segment's halo comes from its neighbours' data, so no tile is too small to be exact."""
+    z = torch.randn(2, 4, 24, 20, generator=torch.Generator().manual_seed(1))  # a batch of two
+    with torch.no_grad():
+        ref = tiny.decoder(z)
+    for tile in (1, 3, 16, 64):
+        assert (tiled_decode(tiny, z, VAETiling(tile=tile)) - ref).abs().max().item() / 2 <= TOLERANCE
+
+
+def test_the_network_is_cut_at_every_groupnorm(tiny):
+    """Each segment holds at most one GroupNorm (applied to its input with pooled statistics) and
+    needs a halo of at most one pixel: one 3x3 conv, or an up/down-sampling conv."""
+    for segments in (decoder_segments(tiny), encoder_segments(tiny)):
+        norms = sum(1 for m in tiny.modules() if isinstance(m, nn.GroupNorm))
+        assert all(s.halo <= 1 for s in segments)
+        assert [s.output for s in segments][-1] == "output"
+    with_norm = sum(s.norm is not None for s in decoder_segments(tiny)) + sum(s.norm is not None
+                                                                              for s in encoder_segments(tiny))
+    assert with_norm == norms  # every GroupNorm of the encoder and decoder starts exactly one segment
 
 
 def test_sd35_shaped_vae_16_channels_encode_and_decode():
@@ -82,70 +97,6 @@ def test_sd35_shaped_vae_16_channels_encode_and_decode():
     assert (image - ref_image).abs().max().item() / 2 <= TOLERANCE
 
 
-def test_fast_mode_is_approximate_and_its_error_is_reported(tiny, capsys):
-    x = natural_image(320, 448)
-    with torch.no_grad():
-        z = tiny.encoder(x)[:, :4]
-        ref = tiny.decoder(z)
-    exact = (tiled_decode(tiny, z, VAETiling(tile=16)) - ref).abs().max().item() / 2
-    fast = (tiled_decode(tiny, z, VAETiling(mode="fast", tile=16)) - ref).abs().max().item() / 2
-    with capsys.disabled():
-        print(f"\n[tiled VAE, tiny random VAE, 40x56 latent, tile 16] max abs error (image 0..1): exact {exact:.2e}, fast {fast:.2e}")
-    assert exact <= TOLERANCE < fast < float("inf")
-
-
-class LDM(nn.Module):
-    """An empty container: the ldm module tree is built from names alone."""
-
-
-def ldm_vae(vae: AutoencoderKL) -> nn.Module:
-    """The same weights under ldm/ComfyUI module names (first_stage_model.encoder.down[i].block[j]...)."""
-
-    def resnet(r):
-        b = LDM()
-        b.norm1, b.conv1, b.norm2, b.conv2 = r.norm1, r.conv1, r.norm2, r.conv2
-        if r.conv_shortcut is not None:
-            b.nin_shortcut = r.conv_shortcut
-        return b
-
-    def attention(a):
-        b = LDM()
-        b.norm = a.group_norm
-        for name, lin in (("q", a.to_q), ("k", a.to_k), ("v", a.to_v), ("proj_out", a.to_out[0])):
-            conv = nn.Conv2d(lin.in_features, lin.out_features, 1)
-            conv.weight.data, conv.bias.data = lin.weight.data[..., None, None].clone(), lin.bias.data.clone()
-            setattr(b, name, conv)
-        return b
-
-    def mid(m):
-        b = LDM()
-        b.block_1, b.attn_1, b.block_2 = resnet(m.resnets[0]), attention(m.attentions[0]), resnet(m.resnets[1])
-        return b
-
-    enc, dec = LDM(), LDM()
-    enc.conv_in, enc.down, enc.mid = vae.encoder.conv_in, nn.ModuleList(), mid(vae.encoder.mid_block)
-    for down in vae.encoder.down_blocks:
-        level = LDM()
-        level.block = nn.ModuleList(resnet(r) for r in down.resnets)
-        if down.downsamplers:
-            level.downsample = LDM()
-            level.downsample.conv = down.downsamplers[0].conv
-        enc.down.append(level)
-    enc.norm_out, enc.conv_out = vae.encoder.conv_norm_out, vae.encoder.conv_out
-    dec.conv_in, dec.mid, dec.up = vae.decoder.conv_in, mid(vae.decoder.mid_block), nn.ModuleList()
-    for up in reversed(vae.decoder.up_blocks):  # ldm indexes levels from the highest resolution
-        level = LDM()
-        level.block = nn.ModuleList(resnet(r) for r in up.resnets)
-        if up.upsamplers:
-            level.upsample = LDM()
-            level.upsample.conv = up.upsamplers[0].conv
-        dec.up.append(level)
-    dec.norm_out, dec.conv_out = vae.decoder.conv_norm_out, vae.decoder.conv_out
-    model = LDM()
-    model.encoder, model.decoder = enc, dec
-    return model
-
-
 def test_ldm_named_vae_as_comfyui_holds_it(tiny):
     first_stage_model = ldm_vae(tiny)
     z = torch.randn(1, 4, 40, 56, generator=torch.Generator().manual_seed(5))
@@ -156,7 +107,7 @@ def test_ldm_named_vae_as_comfyui_holds_it(tiny):
     moments = tiled_encode_moments(first_stage_model, x, VAETiling(tile=64 // 8))
     assert (image - ref_image).abs().max().item() / 2 <= TOLERANCE
     assert (moments - ref_moments).abs().max().item() <= TOLERANCE
-    assert len(decoder_steps(first_stage_model)) == len(decoder_steps(tiny))
+    assert len(decoder_segments(first_stage_model)) == len(decoder_segments(tiny))
 
 
 def test_codec_tiles_when_asked_and_matches_untiled(tiny):
@@ -174,20 +125,18 @@ def test_automatic_tile_size_follows_the_budget(tiny):
     small = tiled_decode(tiny, z, VAETiling(memory_budget=2 << 20))
     big = tiled_decode(tiny, z, VAETiling(memory_budget=1 << 30))
     assert (small - big).abs().max().item() / 2 <= TOLERANCE
-    from smfsr.tiling.vae import auto_tile
-
-    steps = decoder_steps(tiny)
-    assert auto_tile(tiny, steps, z, VAETiling(memory_budget=2 << 20)) < auto_tile(tiny, steps, z, VAETiling(memory_budget=64 << 20))
+    segments, cpu = decoder_segments(tiny), torch.device("cpu")
+    assert auto_tile(segments, z, VAETiling(memory_budget=2 << 20), cpu) < \
+        auto_tile(segments, z, VAETiling(memory_budget=64 << 20), cpu)
 
 
 def test_bad_inputs(tiny):
     with pytest.raises(SMFSRError, match=r"expected \(B, 4, H, W\)"):
         tiled_decode(tiny, torch.randn(1, 16, 16, 16), VAETiling(tile=16))
-    halo = max(p.halo for p in _split(decoder_steps(tiny), "exact") if hasattr(p, "halo"))
-    with pytest.raises(SMFSRError, match="smaller than the halo"):
-        tiled_decode(tiny, torch.randn(1, 4, 32, 32), VAETiling(tile=halo - 1))
-    with pytest.raises(SMFSRError, match="exact' or 'fast"):
-        VAETiling(mode="quick")
+    with pytest.raises(SMFSRError, match="must be a multiple of 8"):
+        tiled_encode_moments(tiny, torch.rand(1, 3, 60, 64), VAETiling(tile=4))
+    with pytest.raises(SMFSRError, match="at least 1 latent px"):
+        VAETiling(tile=0)
 
 
 def test_half_precision_keeps_statistics_in_float32(tiny):
@@ -199,3 +148,23 @@ def test_half_precision_keeps_statistics_in_float32(tiny):
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     # bf16 arithmetic differs from the untiled bf16 run by rounding only
     assert (out - ref).abs().mean().item() / 2 < 0.02
+
+
+@pytest.mark.parametrize("offset", [0.0, 5.0])
+def test_statistics_pooled_over_tiles_match_the_whole_map(offset):
+    """Moments merged over uneven tiles give each group's mean and variance as float64 would over
+    the whole map, also where the mean is large against the spread (offset: 5 standard deviations)."""
+    from smfsr.tiling.vae import Moments
+
+    g = torch.Generator().manual_seed(0)
+    std = 1 + 2 * torch.rand(1, 8, 1, 1, generator=g)
+    x = (torch.randn(2, 8, 150, 130, generator=g) + offset) * std
+    moments = Moments()
+    for y0, y1 in ((0, 64), (64, 128), (128, 150)):
+        for x0, x1 in ((0, 100), (100, 130)):
+            moments.add(x[..., y0:y1, x0:x1])
+    norm = nn.GroupNorm(4, 8)
+    mean, var = moments.group_stats(norm)
+    grouped = x.double().reshape(2, 4, -1)
+    torch.testing.assert_close(mean, grouped.mean(-1), rtol=1e-7, atol=1e-9)
+    torch.testing.assert_close(var, grouped.var(-1, correction=0), rtol=1e-6, atol=0)
