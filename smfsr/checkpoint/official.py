@@ -113,11 +113,30 @@ def infer_vae_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     )
 
 
+LDM_VAE_PREFIXES = ("first_stage_model.", "vae.")  # a VAE inside a single-file checkpoint (SD3.5's own)
+
+
+def _ldm_vae_tensors(path: Path, header: dict) -> dict[str, torch.Tensor] | None:
+    """A single file's VAE in the original (ldm) names, converted to diffusers' names by diffusers'
+    own converter; None if the file holds no ldm-named VAE."""
+    prefix = next((p for p in LDM_VAE_PREFIXES if any(k.startswith(p + "decoder.up.") for k in header)), None)
+    if prefix is None and not any(k.startswith("decoder.up.") for k in header):
+        return None
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    ldm = load_tensors(path, prefix=prefix or "")
+    levels = len({k.split(".")[2] for k in ldm if k.startswith("encoder.down.")})
+    config = {"down_block_types": ["DownEncoderBlock2D"] * levels, "up_block_types": ["UpDecoderBlock2D"] * levels}
+    return convert_ldm_vae_checkpoint(ldm, config)
+
+
 def import_vae(path: str | os.PathLike) -> torch.nn.Module:
-    """A diffusers VAE: a folder (``vae/`` or one holding config.json + weights) or a single file."""
+    """A VAE: a diffusers folder (``vae/`` or one holding config.json + weights), a diffusers single
+    file, or the VAE inside a single-file checkpoint in the original names (SD3.5's ``sd3.5_medium.safetensors``)."""
     from diffusers.models.autoencoders.autoencoder_kl import AutoencoderKL
 
     path = Path(path)
+    tensors = None
     if path.is_dir():
         folder = path / "vae" if (path / "vae").is_dir() else path
         weights = _find_weights(folder)
@@ -126,6 +145,10 @@ def import_vae(path: str | os.PathLike) -> torch.nn.Module:
         weights, config = path, None
     _, header = read_header(weights)
     shapes = {k: v[0] for k, v in header.items()}
+    if config is None and "decoder.conv_in.weight" not in shapes:
+        tensors = _ldm_vae_tensors(weights, shapes)
+        if tensors is not None:
+            shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     if config is None:
         try:
             config = infer_vae_config(shapes)
@@ -138,7 +161,7 @@ def import_vae(path: str | os.PathLike) -> torch.nn.Module:
         return build_vae(config, weights)
 
     check_state(expected_shapes(make), shapes, what="diffusers AutoencoderKL", path=weights)
-    return load_into(make, load_tensors(weights))
+    return load_into(make, tensors if tensors is not None else load_tensors(weights))
 
 
 def is_official_folder(path: str | os.PathLike) -> bool:
