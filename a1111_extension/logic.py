@@ -37,6 +37,10 @@ SETTINGS = [
     Setting("smfsr_color_fix", "auto", "SMFSR colour fix (auto = the model's default)", "radio",
             {"choices": ["auto", *COLOR_FIXES]}),
     Setting("smfsr_dtype", "auto", "SMFSR precision", "radio", {"choices": ["auto", "bf16", "fp16", "fp32"]}),
+    Setting("smfsr_weights", "auto", "SMFSR weights (fp8: the transformer blocks in fp8, half of bf16's memory)", "radio",
+            {"choices": ["auto", "fp8"]}),
+    Setting("smfsr_block_swap", 0, "SMFSR block swap (transformer blocks streamed from system memory; -1 = from free "
+            "VRAM; --lowvram/--medvram turn it on)", "slider", {"minimum": -1, "maximum": 64, "step": 1}),
 ]
 DEFAULTS = {s.key: s.default for s in SETTINGS}
 
@@ -66,6 +70,13 @@ def options(settings: dict, scale: float, rng: random.Random | None = None) -> U
     return UpscaleOptions.from_widgets(scale=scale, seed=seed, steps=s["smfsr_steps"], tile_size=s["smfsr_tile"],
                                        tile_overlap=s["smfsr_tile_overlap"], color_fix=s["smfsr_color_fix"],
                                        vae_tile=s["smfsr_vae_tile"])
+
+
+def runtime(settings: dict, lowvram: bool) -> dict:
+    """How the model loads: the from_pretrained arguments of these settings (a low-VRAM web UI swaps blocks)."""
+    s = {**DEFAULTS, **{k: v for k, v in settings.items() if k in DEFAULTS}}
+    swap = int(s["smfsr_block_swap"])
+    return {"weights": str(s["smfsr_weights"]), "block_swap": "auto" if swap < 0 or (swap == 0 and lowvram) else swap}
 
 
 def settings_key(settings: dict) -> tuple:

@@ -36,12 +36,15 @@ class UpscalerSMFSR(Upscaler):  # the name gives --smfsr-models-path (cmd_opts.s
                         for entry in logic.discover(shared.models_path, dirname)]
 
     def load_model(self, path: str) -> SMFSRUpscaler:
-        dtype = "fp32" if shared.cmd_opts.no_half else settings()["smfsr_dtype"]
-        key = (path, dtype, str(self.device))
+        s = settings()
+        dtype = "fp32" if shared.cmd_opts.no_half else s["smfsr_dtype"]
+        lowvram = bool(getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False))
+        runtime = logic.runtime(s, lowvram)
+        key = (path, dtype, str(self.device), tuple(runtime.items()))
         if self.cached is None or self.cached[0] != key:
             self.cached = None
             free_host_memory()
-            self.cached = (key, SMFSRUpscaler.from_pretrained(path, device=self.device, dtype=dtype))
+            self.cached = (key, SMFSRUpscaler.from_pretrained(path, device=self.device, dtype=dtype, **runtime))
         return self.cached[1]
 
     def do_upscale(self, img: Image.Image, selected_model: str) -> Image.Image:

@@ -15,8 +15,8 @@ import torch
 
 from smfsr.checkpoint import Bundle, load_model, to_device
 from smfsr.checkpoint.default_model import REPO_MODELS
-from smfsr.devices import parse_dtype
 from smfsr.pipeline import SMFSRUpscaler
+from smfsr.runtime import Runtime, prepare
 
 FOLDER = "smfsr"
 EXTENSIONS = {".safetensors", ".sft"}
@@ -99,10 +99,17 @@ class Managed(torch.nn.Module):
         self.device = next(module.parameters()).device
 
 
-def load(name: str, dtype: str) -> SMFSRModel:
+def load(name: str, dtype: str, weights: str = "auto", block_swap: int = 0, compile: bool = False) -> SMFSRModel:
+    """Load through the core's runtime (fp8, block swap, compile); ComfyUI's memory manager then
+    moves it: other models are freed before it runs, and it is unloaded when later nodes need room.
+    Under --lowvram / --novram, block swap is on by itself."""
     device = mm.get_torch_device()
-    bundle = load_model(model_path(name))
-    bundle = to_device(bundle, mm.unet_offload_device(), parse_dtype(dtype, device))
+    if block_swap == 0 and mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM):
+        block_swap = -1
+    runtime = Runtime(device, dtype, "fp8" if weights.startswith("fp8") else "auto",
+                      "auto" if block_swap < 0 else block_swap, compile)
+    bundle = prepare(load_model(model_path(name)), runtime, place=False)
+    bundle = to_device(bundle, mm.unet_offload_device(), None)
     patchers = [comfy.model_patcher.ModelPatcher(Managed(bundle.transformer), load_device=device,
                                                  offload_device=mm.unet_offload_device())]
     if bundle.vae is not None and any(True for _ in bundle.vae.parameters()):  # not the lossless codec

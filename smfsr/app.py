@@ -23,9 +23,10 @@ LOOPBACK = "127.0.0.1"
 class Models:
     """The model menu and the loaded upscalers (one at a time is kept: they can be large)."""
 
-    def __init__(self, entries: list[ModelEntry], device: str | None, dtype: str | None):
+    def __init__(self, entries: list[ModelEntry], device: str | None, dtype: str | None, weights: str = "auto",
+                 block_swap: int | str = 0):
         self.entries = {e.name: e for e in entries}
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.weights, self.block_swap = device, dtype, weights, block_swap
         self.loaded: tuple[str, object] | None = None
         self.lock = threading.Lock()
 
@@ -41,7 +42,8 @@ class Models:
             if self.loaded is None or self.loaded[0] != name:
                 self.loaded = None
                 self.loaded = (name, SMFSRUpscaler.from_pretrained(self.entries[name].path, device=self.device,
-                                                                   dtype=self.dtype))
+                                                                   dtype=self.dtype, weights=self.weights,
+                                                                   block_swap=self.block_swap))
             return self.loaded[1]
 
 
@@ -50,9 +52,9 @@ def model_entries(model: str | None, models_dir: str | None) -> list[ModelEntry]
     model = model or os.environ.get("SMFSR_MODEL")
     entries = find_models(([Path(models_dir)] if models_dir else []) + [REPO_MODELS])
     if model:
-        path = Path(model).resolve()
-        if not path.exists():
-            raise SMFSRError(f"{model}: no such file or folder")
+        from .checkpoint.default_model import resolve_model
+
+        path = resolve_model(model).resolve()
         chosen = [e for e in find_models([path.parent]) if e.path.resolve() == path]
         if not chosen:
             raise SMFSRError(f"{model} is not an SMFSR bundle or official folder (`smfsr info {model}` says what it is)")
@@ -150,11 +152,13 @@ def build(models: Models):
 
 
 def serve(model: str | None, models_dir: str | None, host: str, port: int | None, device: str | None,
-          dtype: str | None, block: bool = True):
+          dtype: str | None, block: bool = True, weights: str = "auto", block_swap: int | str = 0):
     from .devices import parse_device, parse_dtype
+    from .runtime import Runtime
 
     parse_dtype(dtype, parse_device(device))  # an unusable device or dtype is said before the page starts
-    models = Models(model_entries(model, models_dir), device, dtype)
+    Runtime(device, dtype, weights, block_swap).check()
+    models = Models(model_entries(model, models_dir), device, dtype, weights, block_swap)
     if host != LOOPBACK:
         print(f"warning: serving on {host}: anyone who can reach this machine can use the app (there is no login)")
     demo = build(models)

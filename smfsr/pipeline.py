@@ -31,13 +31,15 @@ import torch.nn.functional as F
 from PIL import Image
 
 from . import meanflow
-from .checkpoint import Bundle, load_model, to_device
+from .checkpoint import Bundle, load_model
+from .checkpoint.default_model import default_model_path, resolve_model
 from .codec import LatentCodec, LatentScale
 from .devices import parse_device, parse_dtype
 from .color import color_fix
 from .errors import SMFSRError
 from .imageio import RGBAlpha, check_size, from_pil, to_pil
 from .options import Settings, UpscaleOptions, VAETiling
+from .runtime import FirstCallTimer, Runtime, prepare
 from .tiling.latent import tile_grid, tiled_apply
 
 log = logging.getLogger("smfsr")
@@ -101,7 +103,7 @@ class SMFSRUpscaler:
                 "or use a bundle that contains its VAE."
             )
         self.bundle, self.transformer, self.defaults = bundle, bundle.transformer, d
-        self.scale = LatentScale(d.vae_scaling_factor, d.vae_shift_factor)
+        self.latent_scale = LatentScale(d.vae_scaling_factor, d.vae_shift_factor)
         self.codec = LatentCodec(d.vae_scaling_factor, d.vae_shift_factor, vae) if vae is not None else None
         if self.codec is not None and self.codec.latent_channels != self.transformer.config.in_channels:
             raise SMFSRError(
@@ -110,19 +112,18 @@ class SMFSRUpscaler:
                 "(SD3.5's 16-channel VAE for the official SMFSR weights)"
             )
         self.prompt_embeds, self.prompt_pooled = bundle.prompt_embeds, bundle.prompt_pooled
+        self.first_call = FirstCallTimer(False)
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
                         dtype: str | torch.dtype | None = None, vae: str | os.PathLike | None = None,
-                        prompt: str | os.PathLike | None = None) -> "SMFSRUpscaler":
-        """Load a bundle or an official folder; ``vae`` / ``prompt`` supply parts the model lacks."""
-        device = parse_device(device)
-        dtype = parse_dtype(dtype, device)
-        if path is None:
-            from .checkpoint.default_model import default_model_path
-
-            path = default_model_path()
-        bundle = load_model(path)
+                        prompt: str | os.PathLike | None = None, weights: str = "auto", block_swap: int | str = 0,
+                        compile: bool = False) -> "SMFSRUpscaler":
+        """Load a bundle or an official folder; ``vae`` / ``prompt`` supply parts the model lacks;
+        ``weights``, ``block_swap`` and ``compile`` say how it runs (``runtime.Runtime``)."""
+        runtime = Runtime(device, dtype, weights, block_swap, compile).check()
+        parse_dtype(dtype, parse_device(device))  # a wrong device or dtype is said before anything loads
+        bundle = load_model(resolve_model(path) if path is not None else default_model_path())
         if vae is not None:
             from .checkpoint import import_vae
 
@@ -133,7 +134,9 @@ class SMFSRUpscaler:
             from .checkpoint import read_prompt_file
 
             bundle.prompt_embeds, bundle.prompt_pooled = read_prompt_file(prompt)
-        return cls(to_device(bundle, device, dtype))
+        upscaler = cls(prepare(bundle, runtime))
+        upscaler.first_call = FirstCallTimer(compile)
+        return upscaler
 
     # ----------------------------------------------------------------------------------------
     @property
@@ -210,12 +213,12 @@ class SMFSRUpscaler:
         z_lr = lr.mean
         if lr.logvar is not None and self.defaults.lr_latent == "sample":
             z_lr = lr.mean + torch.exp(0.5 * lr.logvar) * lr_eps.to(lr.mean.device, lr.mean.dtype)
-        lr_latent = self.scale.normalize(z_lr.float()).to(self.device, self.dtype)
+        lr_latent = self.latent_scale.normalize(z_lr.float()).to(self.device, self.dtype)
 
         while True:  # on out-of-memory, halve the latent tile and try again (down to MIN_LATENT_TILE)
             try:
                 z = self._steps(lr_latent, noise, settings, embeds, pooled, progress)
-                return self.scale.denormalize(z.float())
+                return self.latent_scale.denormalize(z.float())
             except torch.OutOfMemoryError:
                 current = settings.tile or max(lh, lw)
                 if current // 2 < MIN_LATENT_TILE:
@@ -282,10 +285,11 @@ class SMFSRUpscaler:
         ``seeds`` gives each image its own seed (default: the options' seed for all)."""
         settings = self.settings(options)
         images = check_images(images)
-        lr = self.encode(images, settings)
-        latent = self.sample(lr, settings, seeds=seeds, prompt_embeds=prompt_embeds, prompt_pooled=prompt_pooled,
-                             progress=progress)
-        return self.finish(self.decode(latent, settings), images, settings)
+        with self.first_call:
+            lr = self.encode(images, settings)
+            latent = self.sample(lr, settings, seeds=seeds, prompt_embeds=prompt_embeds, prompt_pooled=prompt_pooled,
+                                 progress=progress)
+            return self.finish(self.decode(latent, settings), images, settings)
 
     def __call__(self, images: Image.Image | Sequence[Image.Image] | torch.Tensor,
                  options: UpscaleOptions | Settings | None = None, **kwargs):

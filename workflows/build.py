@@ -24,10 +24,10 @@ WIDGETS = {
     "CheckpointLoaderSimple": ["ckpt_name"],
     "CLIPTextEncode": ["text"],
     "Note": ["text"],
-    "SMFSRModelLoader": ["model_name", "dtype"],
+    "SMFSRModelLoader": ["model_name", "dtype", "weights", "block_swap", "compile"],
     "SMFSRLREncode": ["vae_tile"],
     "SMFSRSampler": ["seed", "steps", "tile_size", "tile_overlap"],
-    "SMFSRTiledVAEDecode": ["tile_size", "mode"],
+    "SMFSRTiledVAEDecode": ["tile_size"],
     "SMFSRColorFix": ["color_fix", "scale"],
     "SMFSRUpscale": ["scale", "seed", "steps", "tile_size", "tile_overlap", "color_fix", "vae_tile"],
 }
@@ -109,13 +109,14 @@ def ui_format(nodes: list[Node], note: str) -> dict:
 
 DEFAULT_MODEL = "smfsr-small-x4.safetensors"
 MODEL_DEFAULTS = {"steps": 0, "tile_size": 0, "tile_overlap": 0}  # 0: what the model stores
+LOADER = {"dtype": "auto", "weights": "auto", "block_swap": 0, "compile": False}
 
 
 def upscale_default() -> list[Node]:
     """The all-in-one node with a model that carries its own VAE (the shipped default model)."""
     return [
         Node(1, "LoadImage", {"image": "example.png", "upload": "image"}, (0, 0)),
-        Node(2, "SMFSRModelLoader", {"model_name": DEFAULT_MODEL, "dtype": "auto"}, (0, 350)),
+        Node(2, "SMFSRModelLoader", {"model_name": DEFAULT_MODEL, **LOADER}, (0, 350)),
         Node(3, "SMFSRUpscale", {"scale": 0.0, "seed": 0, **MODEL_DEFAULTS, "color_fix": "auto", "vae_tile": 0}, (400, 0),
              {"image": (1, 0), "smfsr_model": (2, 0)}),
         Node(4, "SaveImage", {"filename_prefix": "smfsr"}, (800, 0), {"images": (3, 0)}),
@@ -126,10 +127,10 @@ def modular_default() -> list[Node]:
     """The same upscale as four nodes; gives the same pixels as SMFSR Upscale for the same seed."""
     return [
         Node(1, "LoadImage", {"image": "example.png", "upload": "image"}, (0, 0)),
-        Node(2, "SMFSRModelLoader", {"model_name": DEFAULT_MODEL, "dtype": "auto"}, (0, 350)),
+        Node(2, "SMFSRModelLoader", {"model_name": DEFAULT_MODEL, **LOADER}, (0, 350)),
         Node(3, "SMFSRLREncode", {"vae_tile": 0}, (400, 0), {"image": (1, 0), "smfsr_model": (2, 0)}),
         Node(4, "SMFSRSampler", {"seed": 0, **MODEL_DEFAULTS}, (800, 0), {"smfsr_model": (2, 0), "lr_latent": (3, 0)}),
-        Node(5, "SMFSRTiledVAEDecode", {"tile_size": 0, "mode": "exact"}, (1200, 0), {"samples": (4, 0), "smfsr_model": (2, 0)}),
+        Node(5, "SMFSRTiledVAEDecode", {"tile_size": 0}, (1200, 0), {"samples": (4, 0), "smfsr_model": (2, 0)}),
         Node(6, "SMFSRColorFix", {"color_fix": "auto", "scale": 0.0}, (1600, 0),
              {"image": (5, 0), "reference": (1, 0), "smfsr_model": (2, 0)}),
         Node(7, "SaveImage", {"filename_prefix": "smfsr_modular"}, (2000, 0), {"images": (6, 0)}),
@@ -155,12 +156,12 @@ def sd35() -> list[Node]:
                                            "camera, hyper detailed photo - realistic maximum detail, 32k, Color Grading, "
                                            "ultra HD, extreme meticulous detailing, skin pore detailing."},
              (0, 250), {"clip": (1, 1)}),
-        Node(3, "SMFSRModelLoader", {"model_name": "smfsr_q.safetensors", "dtype": "auto"}, (0, 500)),
+        Node(3, "SMFSRModelLoader", {"model_name": "smfsr_q.safetensors", **LOADER}, (0, 500)),
         Node(4, "LoadImage", {"image": "example.png", "upload": "image"}, (0, 750)),
         Node(5, "SMFSRLREncode", {"vae_tile": 0}, (400, 0), {"image": (4, 0), "smfsr_model": (3, 0), "vae": (1, 2)}),
         Node(6, "SMFSRSampler", {"seed": 0, **MODEL_DEFAULTS}, (800, 0),
              {"smfsr_model": (3, 0), "lr_latent": (5, 0), "conditioning": (2, 0)}),
-        Node(7, "SMFSRTiledVAEDecode", {"tile_size": 0, "mode": "exact"}, (1200, 0), {"samples": (6, 0), "vae": (1, 2)}),
+        Node(7, "SMFSRTiledVAEDecode", {"tile_size": 0}, (1200, 0), {"samples": (6, 0), "vae": (1, 2)}),
         Node(8, "SMFSRColorFix", {"color_fix": "auto", "scale": 0.0}, (1600, 0),
              {"image": (7, 0), "reference": (4, 0), "smfsr_model": (3, 0)}),
         Node(9, "SaveImage", {"filename_prefix": "smfsr_sd35"}, (2000, 0), {"images": (8, 0)}),

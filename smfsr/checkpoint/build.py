@@ -113,10 +113,21 @@ def fill_transformer(name: str, model: torch.nn.Module) -> torch.Tensor:
     """An optional transformer tensor the file lacks: the sin-cos position table, or zeros for a
     module the official code builds but never runs."""
     if name == "pos_embed.pos_embed":
-        from diffusers.models.embeddings import get_2d_sincos_pos_embed
-
-        embed = model.pos_embed
-        pe = get_2d_sincos_pos_embed(embed.proj.out_channels, embed.pos_embed_max_size, base_size=embed.base_size,
-                                     interpolation_scale=embed.interpolation_scale, output_type="pt")
-        return pe.float().unsqueeze(0)
+        return position_table(model.pos_embed, model.pos_embed.proj.weight.dtype)  # the file's dtype
     return torch.zeros(model.state_dict(keep_vars=True)[name].shape)
+
+
+def position_table(embed: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
+    """SD3's 2-D sin-cos table (1, n*n, D) for a diffusers ``PatchEmbed``, as it computes it, built
+    straight into ``dtype``. It is separable: token (i, j) holds [f(x_j), f(y_i)], f the 1-D table
+    of D/2 channels, so only the two 1-D tables are computed in float64 (SD3.5-medium's full table
+    in float64 would be 1.8 GB)."""
+    from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid
+
+    n, dim = embed.pos_embed_max_size, embed.proj.out_channels
+    coords = torch.arange(n, dtype=torch.float32) / (n / embed.base_size) / embed.interpolation_scale
+    one_d = get_1d_sincos_pos_embed_from_grid(dim // 2, coords, output_type="pt").float().to(dtype)  # (n, D/2)
+    table = torch.empty(n, n, dim, dtype=dtype)
+    table[:, :, : dim // 2] = one_d[None, :, :]  # x: the column
+    table[:, :, dim // 2:] = one_d[:, None, :]  # y: the row
+    return table.reshape(1, n * n, dim)

@@ -80,6 +80,11 @@ class BundleInfo:
     def has_prompt(self) -> bool:
         return "prompt.embeds" in self.header
 
+    @property
+    def weights(self) -> dict[str, Any]:
+        """How the transformer's weights are stored: {} (as their dtype says) or fp8 with its scales."""
+        return _meta_json(self.metadata, "smfsr_weights", self.path) or {}
+
 
 def is_bundle(metadata: dict[str, str]) -> bool:
     return "smfsr_format" in metadata
@@ -114,18 +119,27 @@ def read_bundle_info(path: str | os.PathLike) -> BundleInfo:
 
 def save_bundle(path: str | os.PathLike, bundle: Bundle, *, overwrite: bool = False,
                 dtype: torch.dtype | None = None) -> Path:
-    """Write ``bundle`` as one safetensors file, atomically; refuses to replace a file unless asked."""
+    """Write ``bundle`` as one safetensors file, atomically; refuses to replace a file unless asked.
+    ``dtype`` casts floating tensors; fp8 weights and their float32 scales stay as they are."""
     from safetensors.torch import save_file
+
+    from ..quant import FP8, FP8_FORMAT, FP8Linear, quantized_layer_names
 
     path = Path(path)
     if path.exists() and not overwrite:
         raise CheckpointError(f"{path} already exists; choose another name or pass overwrite=True (--overwrite)")
+    keep = {f"transformer.{n}.{k}" for n in quantized_layer_names(bundle.transformer)
+            if isinstance(bundle.transformer.get_submodule(n), FP8Linear) for k in ("weight", "weight_scale")}
 
-    def cast(t: torch.Tensor) -> torch.Tensor:
+    def cast(key: str, t: torch.Tensor) -> torch.Tensor:
         t = t.detach().to("cpu")
-        return t.to(dtype) if dtype is not None and t.is_floating_point() else t
+        return t.to(dtype) if dtype is not None and t.is_floating_point() and key not in keep and t.dtype != FP8 else t
 
-    tensors = {f"transformer.{k}": cast(v) for k, v in bundle.transformer.state_dict().items()}
+    tensors = {f"transformer.{k}": cast(f"transformer.{k}", v) for k, v in bundle.transformer.state_dict().items()}
+    if _is_standard_position_table(tensors, bundle.transformer):
+        # the sin-cos table is a function of the config (SD3.5-medium's: 226 M values, 0.45 GB in
+        # bf16, 15 % of an fp8 file); the loader recomputes it in the file's dtype
+        del tensors[POSITION_TABLE]
     metadata = {
         "smfsr_format": str(FORMAT_VERSION),
         "smfsr_transformer_config": json.dumps(dict(bundle.transformer.config)),
@@ -133,12 +147,15 @@ def save_bundle(path: str | os.PathLike, bundle: Bundle, *, overwrite: bool = Fa
         "smfsr_license": bundle.license,
         "smfsr_provenance": bundle.provenance,
     }
+    if keep:
+        layer = next(m for m in bundle.transformer.modules() if isinstance(m, FP8Linear))
+        metadata["smfsr_weights"] = json.dumps({"format": FP8_FORMAT, "scale": layer.granularity, "layers": len(keep) // 2})
     if bundle.vae is not None:
-        tensors.update({f"vae.{k}": cast(v) for k, v in bundle.vae.state_dict().items()})
+        tensors.update({f"vae.{k}": cast(k, v) for k, v in bundle.vae.state_dict().items()})
         metadata["smfsr_vae_config"] = json.dumps(dict(bundle.vae.config))
     if bundle.prompt_embeds is not None:
-        tensors["prompt.embeds"] = cast(bundle.prompt_embeds)
-        tensors["prompt.pooled"] = cast(bundle.prompt_pooled)
+        tensors["prompt.embeds"] = cast("prompt", bundle.prompt_embeds)
+        tensors["prompt.pooled"] = cast("prompt", bundle.prompt_pooled)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
 
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,6 +171,19 @@ def save_bundle(path: str | os.PathLike, bundle: Bundle, *, overwrite: bool = Fa
     return path
 
 
+POSITION_TABLE = "transformer.pos_embed.pos_embed"
+
+
+def _is_standard_position_table(tensors: dict[str, torch.Tensor], transformer: torch.nn.Module) -> bool:
+    """The stored table equals the recomputed one, rounded to its dtype (a fine-tuned or foreign
+    table is kept)."""
+    stored = tensors.get(POSITION_TABLE)
+    if stored is None:
+        return False
+    computed = fill_transformer("pos_embed.pos_embed", transformer)
+    return stored.shape == computed.shape and torch.equal(stored, computed.to(stored.dtype))
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -167,12 +197,23 @@ def _split(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:
 def load_bundle(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                 dtype: torch.dtype | None = None) -> Bundle:
     """Load and validate a bundle file. ``dtype`` casts floating tensors (default: as stored)."""
+    from ..quant import FP8_FORMAT, check_fp8_tensors, check_scales, quantized_layer_names, to_fp8
+
     info = read_bundle_info(path)
     path = info.path
     shapes = {k: v[0] for k, v in info.header.items()}
+    weights = info.weights
+    fp8_in_file = [k for k, (_, d) in info.header.items() if d.startswith("F8")]
+    if weights.get("format") not in (None, FP8_FORMAT):
+        raise CheckpointError(f"{path}: weights stored as {weights.get('format')!r}, which this SMFSR cannot read "
+                              f"(it reads {FP8_FORMAT}); upgrade SMFSR")
+    if fp8_in_file and not weights:
+        raise CheckpointError(f"{path} holds fp8 tensors ({fp8_in_file[0]}, ...) but its metadata does not say how "
+                              "they are scaled; the file is damaged or was written by another tool")
 
     def make_transformer():
-        return build_transformer(info.transformer_config, path)
+        model = build_transformer(info.transformer_config, path)
+        return to_fp8(model, weights.get("scale", "channel")) if weights else model
 
     def make_vae():
         return build_vae(info.vae_config, path)
@@ -184,11 +225,18 @@ def load_bundle(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     expected.update(prompt_keys)
     optional = re.compile(r"^transformer\.(" + OPTIONAL_TRANSFORMER_KEYS.pattern.strip("^$") + r")$")
     check_state(expected, shapes, what="SMFSR bundle", path=path, optional=optional)
+    if weights:
+        with torch.device("meta"):
+            names = quantized_layer_names(make_transformer())
+        check_fp8_tensors({k[len("transformer."):]: v for k, v in info.header.items() if k.startswith("transformer.")},
+                          names, path, weights.get("scale", "channel"))
     if len(prompt_keys) == 1:
         raise CheckpointError(f"{path} has only one of prompt.embeds / prompt.pooled; it needs both or neither")
 
     tensors = load_tensors(path)
     transformer = load_into(make_transformer, _split(tensors, "transformer."), fill_transformer)
+    if weights:
+        check_scales(transformer, path)
     vae = load_into(make_vae, _split(tensors, "vae.")) if info.vae_config is not None else None
     bundle = Bundle(
         transformer=transformer, vae=vae,

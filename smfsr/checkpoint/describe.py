@@ -30,6 +30,10 @@ def describe(path: str | os.PathLike) -> str:
     info = read_bundle_info(path)
     lines = [f"{path}: SMFSR bundle, format {metadata['smfsr_format']}, {path.stat().st_size / 2**20:.1f} MiB"]
     lines += _describe_parts(info.transformer_config, info.defaults, info.vae_config, header, info.has_prompt)
+    if info.weights:
+        w = info.weights
+        lines.insert(2, f"  weights:     {w['format']} in {w.get('layers', '?')} block linear layers, scale per "
+                        f"{w.get('scale', 'channel')}; embeddings, norms and the output layers in higher precision")
     if metadata.get("smfsr_license"):
         lines.append(f"  license:     {metadata['smfsr_license']}")
     if metadata.get("smfsr_provenance"):

@@ -91,8 +91,13 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], Header]:
     return metadata, shapes
 
 
-def load_tensors(path: str | os.PathLike, device: str = "cpu"):
-    """Every tensor of a safetensors file (after :func:`read_header` has vetted it)."""
+def load_tensors(path: str | os.PathLike, device: str = "cpu", prefix: str | None = None):
+    """The tensors of a safetensors file (after :func:`read_header` has vetted it); with ``prefix``
+    only those whose names start with it, the prefix removed (one part of a large checkpoint)."""
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
-    return load_file(str(path), device=device)
+    if prefix is None:
+        return load_file(str(path), device=device)
+    with safe_open(str(path), framework="pt", device=device) as f:
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
