@@ -1,6 +1,7 @@
 """Install SMFSR's light dependencies into the running Python, only those that are missing.
 
-Run by A1111/Forge at launch (extension root ``install.py``), or by hand: ``python install.py``.
+Run by A1111/Forge at launch (extension root ``install.py``), or by hand: ``python install.py``
+(``--check``: only say what is missing).
 Nothing the host already has is changed: pip runs with every installed distribution pinned at its
 current version (a constraints file), so it picks versions of the missing packages that fit the
 host (e.g. an older diffusers that works with A1111's huggingface-hub) or fails without touching
@@ -53,19 +54,34 @@ def installed_constraints() -> str:
     return "\n".join(sorted(pins.values())) + "\n"
 
 
+def _below(version: str, bound: str) -> bool:
+    """version < bound, comparing the leading numeric release parts (enough for UNDECLARED's "<X.Y")."""
+    def release(v: str) -> tuple[int, ...]:
+        return tuple(int(p) for p in re.findall(r"\d+", v.split("+")[0])[:3])
+
+    return release(version) < release(bound)
+
+
 def undeclared_constraints() -> list[str]:
     """Extra constraints from UNDECLARED for the packages this Python has."""
     import importlib.metadata
 
-    from packaging.specifiers import SpecifierSet
-
     extra = []
     for package, versions, constraint in UNDECLARED:
         try:
-            if importlib.metadata.version(package) in SpecifierSet(versions):
-                extra.append(constraint)
+            installed = importlib.metadata.version(package)
         except importlib.metadata.PackageNotFoundError:
-            pass
+            continue
+        try:  # pip's own version logic where it is importable; a bare Python may lack it
+            from packaging.specifiers import SpecifierSet
+
+            applies = installed in SpecifierSet(versions)
+        except ImportError:
+            if not versions.startswith("<") or versions.startswith("<="):
+                raise SystemExit(f"install.py: cannot evaluate {versions!r} without the packaging module")
+            applies = _below(installed, versions[1:])
+        if applies:
+            extra.append(constraint)
     return extra
 
 
@@ -84,12 +100,17 @@ def install(reqs: list[str]) -> None:
         Path(f.name).unlink(missing_ok=True)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    """``--check``: say what would be installed and install nothing (exit 1 if something is missing)."""
+    check = "--check" in (sys.argv[1:] if argv is None else argv)
     todo = missing(requirements())
-    if todo:
-        install(todo)
-    else:
+    if not todo:
         print("SMFSR: all requirements present")
+    elif check:
+        print(f"SMFSR: would install {', '.join(todo)}")
+        raise SystemExit(1)
+    else:
+        install(todo)
 
 
 if __name__ == "__main__":

@@ -105,6 +105,21 @@ def plan_jobs(args: argparse.Namespace, rank: int, world: int) -> tuple[list[Job
     return todo, (exists if args.skip_existing else []), ([] if args.skip_existing else exists)
 
 
+def readable(jobs: list[Job], max_pixels: int, tag: str) -> tuple[list[Job], int]:
+    """The jobs whose input opens as an image of a size SMFSR takes (header only); the others are
+    reported. Returns (the readable jobs, how many were not)."""
+    from .imageio import open_image
+
+    good = []
+    for job in jobs:
+        try:
+            open_image(job.source, max_pixels, decode=False).close()
+            good.append(job)
+        except SMFSRError as e:
+            print(f"error: {tag}{e}", file=sys.stderr)  # the message names the file
+    return good, len(jobs) - len(good)
+
+
 def write_png(image, target: Path) -> None:
     """Write through a temporary file in the same folder, so a failed write leaves nothing behind
     and never a half-written file in place of one the user had."""
@@ -128,7 +143,7 @@ def upscale_options(args: argparse.Namespace):
 
     return UpscaleOptions(scale=args.scale, seed=args.seed, steps=args.steps, tile_size=args.tile_size,
                           tile_overlap=args.tile_overlap, color_fix=args.color_fix,
-                          vae_tiling=VAETiling.parse(args.vae_tile, args.vae_tile_mode)).check()
+                          vae_tiling=VAETiling.parse(args.vae_tile)).check()
 
 
 def cmd_upscale(args: argparse.Namespace) -> int:
@@ -136,6 +151,7 @@ def cmd_upscale(args: argparse.Namespace) -> int:
     tag = f"[rank {rank}/{world}] " if world > 1 else ""
     options = upscale_options(args)  # usage errors first: no torch, no model
     todo, skipped, refused = plan_jobs(args, rank, world)
+    todo, unreadable = readable(todo, args.max_pixels, tag)  # image headers, before the model loads
     for job in skipped:
         _say(args, f"{tag}{job.source}: {job.target} exists, skipped")
     for job in refused:
@@ -143,8 +159,9 @@ def cmd_upscale(args: argparse.Namespace) -> int:
               "--skip-existing to skip)", file=sys.stderr)
     check_writable({job.target.parent for job in todo})
     failed = upscale_jobs(args, options, todo, tag, local_rank if world > 1 else None) if todo else 0
-    failures = failed + len(refused)
-    summary = f"{tag}{len(todo) - failed} of {len(todo) + len(skipped) + len(refused)} images upscaled"
+    failures = failed + len(refused) + unreadable
+    total = len(todo) + len(skipped) + len(refused) + unreadable
+    summary = f"{tag}{len(todo) - failed} of {total} images upscaled"
     summary += f", {len(skipped)} skipped (output exists)" if skipped else ""
     summary += f", {failures} failed" if failures else ""
     _say(args, summary)
@@ -165,14 +182,25 @@ def upscale_jobs(args: argparse.Namespace, options, jobs: list[Job], tag: str, l
     dtype = parse_dtype(args.dtype, device)
 
     from .checkpoint import peek_model
-    from .checkpoint.default_model import default_model_path
+    from .checkpoint.default_model import default_model_path, resolve_model
     from .imageio import from_pil, open_image
     from .pipeline import SMFSRUpscaler
+    from .text_encoders import DEFAULT_PROMPT
 
-    model = args.model or default_model_path()
+    model = resolve_model(args.model) if args.model else default_model_path()
     config, defaults = peek_model(model)
     options.resolve(defaults, int(config["patch_size"]))  # the model's limits, before its weights load
-    upscaler = SMFSRUpscaler.from_pretrained(model, device=device, dtype=dtype, vae=args.vae, prompt=args.prompt)
+    sources = text_sources(args)
+    if args.prompt_text is not None and sources is None:
+        raise SMFSRError("--prompt-text needs SD3.5's text encoders to encode it: add --sd35 (or --clip-l --clip-g "
+                         "--t5 --tokenizers); without them the model's stored prompt is used")
+    if args.prompt and sources is not None:
+        raise SMFSRError("give --prompt (an encoded prompt file) or the text encoders, not both")
+    text = encode_text(sources, args.prompt_text or defaults.prompt or DEFAULT_PROMPT, args) if sources else None
+    upscaler = SMFSRUpscaler.from_pretrained(model, device=device, dtype=dtype, vae=args.vae, prompt=args.prompt,
+                                             weights=args.weights, block_swap=args.block_swap, compile=args.compile)
+    if text is not None:
+        upscaler.prompt_embeds, upscaler.prompt_pooled = text
     settings = upscaler.settings(options)
     failures = 0
     for index, job in enumerate(jobs, 1):
@@ -236,7 +264,8 @@ def cmd_app(args: argparse.Namespace) -> int:
         raise SMFSRError("the app needs gradio: pip install 'smfsr[app]' (or pip install gradio)") from None
     from .app import serve
 
-    serve(args.model, args.models_dir, args.host, args.port, args.device, args.dtype)
+    serve(args.model, args.models_dir, args.host, args.port, args.device, args.dtype, weights=args.weights,
+          block_swap=args.block_swap)
     return EXIT_OK
 
 
@@ -247,24 +276,101 @@ def cmd_info(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def text_sources(args: argparse.Namespace):
+    """The SD3.5 text encoders the user named (--sd35 / --clip-l --clip-g --t5 / --tokenizers), or None."""
+    from .text_encoders import find_sources
+
+    named = [getattr(args, k, None) for k in ("sd35", "clip_l", "clip_g", "t5")]
+    if not any(named):
+        return None
+    return find_sources(args.sd35, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5, tokenizers=args.tokenizers)
+
+
+def encode_text(sources, text: str, args: argparse.Namespace):
+    """(embeds, pooled) of ``text``; the encoders are freed when this returns."""
+    import torch
+
+    from .text_encoders import clip_truncated, encode_prompt, load_pipeline
+
+    t5_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.t5_dtype]
+    print(f"encoding the prompt with SD3.5's text encoders (T5-XXL in {args.t5_dtype} on {args.text_device}) ...",
+          file=sys.stderr)
+    pipe = load_pipeline(sources, t5_dtype=t5_dtype, device=args.text_device)
+    if clip_truncated(pipe, text):
+        print("note: CLIP reads the first 77 tokens of the prompt, T5 all of it (as SD3.5 always does)", file=sys.stderr)
+    embeds, pooled = encode_prompt(pipe, text)
+    del pipe
+    return embeds, pooled
+
+
+def cmd_encode_prompt(args: argparse.Namespace) -> int:
+    from .text_encoders import DEFAULT_PROMPT, write_prompt_file
+
+    if Path(args.output).exists() and not args.overwrite:
+        raise SMFSRError(f"{args.output} already exists; choose another name or pass --overwrite")
+    sources = text_sources(args)
+    if sources is None:
+        raise SMFSRError("name SD3.5's text encoders: --sd35 FOLDER_OR_CHECKPOINT, or --clip-l --clip-g --t5 with "
+                         "--tokenizers")
+    text = args.text if args.text is not None else DEFAULT_PROMPT
+    embeds, pooled = encode_text(sources, text, args)
+    path = write_prompt_file(args.output, embeds, pooled, text, overwrite=args.overwrite)
+    print(f"wrote {path}: embeds {tuple(embeds.shape)}, pooled {tuple(pooled.shape)}")
+    return EXIT_OK
+
+
 def cmd_convert(args: argparse.Namespace) -> int:
     import torch
 
     from .checkpoint import Bundle, PipelineDefaults, import_official_transformer, import_vae, read_prompt_file, save_bundle
+    from .text_encoders import DEFAULT_PROMPT
 
     if Path(args.output).exists() and not args.overwrite:
         raise SMFSRError(f"{args.output} already exists; choose another name or pass --overwrite")
-    transformer = import_official_transformer(args.transformer)
-    vae = import_vae(args.vae) if args.vae else None
+    if args.prompt_embeds and args.sd35:
+        raise SMFSRError("give --prompt-embeds or --sd35 (to encode --prompt-text), not both")
+    sources = text_sources(args)  # checked before the large transformer loads
+    if args.weights == "fp8":
+        from .quant import fp8_supported
+
+        if fp8_supported():
+            raise SMFSRError(f"--weights fp8: {fp8_supported()}")
+    source = None
+    if Path(args.transformer).is_file():  # an existing bundle, e.g. to store it in fp8
+        from .checkpoint import load_bundle
+
+        source = load_bundle(args.transformer)
+        transformer = source.transformer
+    else:
+        transformer = import_official_transformer(args.transformer)
+    if args.weights == "fp8":
+        from .quant import is_fp8, to_fp8
+
+        if not is_fp8(transformer):
+            to_fp8(transformer, args.fp8_scale)
+    vae_source = args.vae or (args.sd35 if args.sd35 else None)
+    vae = import_vae(vae_source) if vae_source else source.vae if source is not None else None
     embeds = pooled = None
+    text = args.prompt_text
     if args.prompt_embeds:
         embeds, pooled = read_prompt_file(args.prompt_embeds)
-    defaults = PipelineDefaults(upscale=args.upscale, prompt=args.prompt_text or "")
+    elif sources is not None:
+        text = text if text is not None else DEFAULT_PROMPT
+        embeds, pooled = encode_text(sources, text, args)
+    elif source is not None:
+        embeds, pooled, text = source.prompt_embeds, source.prompt_pooled, source.defaults.prompt
+    if source is not None:
+        defaults = source.defaults
+        defaults.prompt = text or ""
+    else:
+        defaults = PipelineDefaults(upscale=args.upscale, prompt=text or "")
     if vae is not None:
         defaults.vae_scaling_factor = float(vae.config.scaling_factor)
         defaults.vae_shift_factor = float(vae.config.shift_factor or 0.0)
+    license = args.license or (source.license if source is not None else "see the original model's licence")
     bundle = Bundle(transformer=transformer, vae=vae, prompt_embeds=embeds, prompt_pooled=pooled, defaults=defaults,
-                    license=args.license, provenance=f"converted by smfsr {__version__} from {args.transformer}")
+                    license=license, provenance=f"converted by smfsr {__version__} from {args.transformer}"
+                    + (f" ({args.weights} weights)" if args.weights == "fp8" else ""))
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     path = save_bundle(args.output, bundle, overwrite=args.overwrite, dtype=dtype)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
@@ -289,12 +395,30 @@ def _number(kind, what: str, low: float, *, inclusive: bool):
     return parse
 
 
+def _block_swap(text: str) -> str:
+    if text != "auto" and not text.isdigit():
+        raise argparse.ArgumentTypeError(f"--block-swap must be a number of blocks or 'auto', not {text!r}")
+    return text
+
+
 def _device(text: str) -> str:
     import re
 
     if not re.fullmatch(r"(cpu|cuda(:\d+)?|mps|xpu(:\d+)?|auto)", text):
         raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N")
     return text
+
+
+def add_text_encoder_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("SD3.5 text encoders (for the official weights' prompt)")
+    group.add_argument("--sd35", help="a diffusers SD3.5-medium folder, or the single-file sd3.5_medium.safetensors")
+    group.add_argument("--clip-l", help="ComfyUI's clip_l.safetensors")
+    group.add_argument("--clip-g", help="ComfyUI's clip_g.safetensors")
+    group.add_argument("--t5", help="ComfyUI's t5xxl_fp16.safetensors (or an fp8 one)")
+    group.add_argument("--tokenizers", help="a ComfyUI install or a diffusers SD3.5 folder (single files carry none)")
+    group.add_argument("--t5-dtype", choices=["bf16", "fp32"], default="bf16", help="T5-XXL's precision (default bf16)")
+    group.add_argument("--text-device", type=_device, default="cpu",
+                       help="where the text encoders run (default cpu: T5-XXL needs about 10 GB in bf16)")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -311,9 +435,11 @@ def build_parser() -> argparse.ArgumentParser:
     up = sub.add_parser("upscale", help="upscale images, folders or globs")
     up.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or globs")
     up.add_argument("-o", "--output", required=True, help="output folder, or a file name for a single input")
-    up.add_argument("--model", help="SMFSR bundle (.safetensors) or official folder (default: the bundled model)")
+    up.add_argument("--model", help="SMFSR bundle (.safetensors), official folder, or a shipped model's name "
+                                    "(smfsr-small-x4, smfsr-small-x4-q; default: the default one)")
     up.add_argument("--vae", help="a diffusers VAE folder or file, for models without their own")
-    up.add_argument("--prompt", help="prompt embeddings (.safetensors with 'embeds' and 'pooled')")
+    up.add_argument("--prompt", help="prompt embeddings (.safetensors with 'embeds' and 'pooled', from `smfsr encode-prompt`)")
+    up.add_argument("--prompt-text", help="a prompt to encode for this run (needs the text encoders below)")
     up.add_argument("--scale", type=_number(float, "--scale", 0, inclusive=False),
                     help="output size / input size, at most 16 (default: the model's factor)")
     up.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same result (default 0)")
@@ -325,13 +451,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="latent tile overlap in latent px (default: the model's, in proportion to the tile)")
     up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="colour correction (default: the model's)")
     up.add_argument("--vae-tile", default="auto",
-                    help="VAE tile in latent px (the encoder takes the same area in image px); 'auto' tiles "
-                         "large images with a size from free memory; 'off' never tiles (default auto)")
-    up.add_argument("--vae-tile-mode", choices=["exact", "fast"], default="exact",
-                    help="exact: tiled == untiled; fast: approximate GroupNorm statistics, per-tile attention")
+                    help="VAE tile in latent px (the encoder takes the same area in image px); tiled equals "
+                         "untiled, memory is set by the tile. 'auto' tiles images over 1 MP with a size from free "
+                         "memory; 'off' never tiles (default auto)")
     up.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     up.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                     help="auto: bf16/fp16 on GPU, fp32 on CPU")
+    up.add_argument("--weights", choices=["auto", "fp8"], default="auto",
+                    help="fp8: quantise the transformer blocks to fp8 on load (half of bf16's memory); auto: as stored")
+    up.add_argument("--block-swap", default="0", type=_block_swap,
+                    help="keep N transformer blocks in system memory, streamed to the GPU as they run; 'auto': as "
+                         "many as free GPU memory needs (default 0)")
+    up.add_argument("--compile", action="store_true", help="torch.compile the networks (pays off for many images)")
     up.add_argument("--rgb", action="store_true", help="write RGB even for grayscale inputs (default: like the input)")
     exists = up.add_mutually_exclusive_group()
     exists.add_argument("--overwrite", action="store_true", help="replace existing output files")
@@ -340,6 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="refuse larger inputs (default 64 MP)")
     up.add_argument("-q", "--quiet", action="store_true")
     up.add_argument("--debug", action="store_true", help="print tracebacks for unexpected errors")
+    add_text_encoder_arguments(up)
     up.set_defaults(func=cmd_upscale)
 
     app = sub.add_parser("app", help="a local web page to upscale images (gradio)")
@@ -349,22 +481,38 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
     app.add_argument("--device", type=_device, help="cpu, cuda, ... (default: cuda if available)")
     app.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    app.add_argument("--weights", choices=["auto", "fp8"], default="auto", help="as for upscale")
+    app.add_argument("--block-swap", default="0", type=_block_swap, help="as for upscale")
     app.set_defaults(func=cmd_app)
+
+    enc = sub.add_parser("encode-prompt", help="encode a prompt with SD3.5's text encoders (for the official weights)")
+    enc.add_argument("--text", help="the prompt (default: the official positive prompt)")
+    enc.add_argument("-o", "--output", required=True, help="the prompt file to write (.safetensors)")
+    enc.add_argument("--overwrite", action="store_true")
+    add_text_encoder_arguments(enc)
+    enc.set_defaults(func=cmd_encode_prompt)
 
     info = sub.add_parser("info", help="describe a model file or folder")
     info.add_argument("model")
     info.set_defaults(func=cmd_info)
 
     conv = sub.add_parser("convert", help="make a bundle from official parts")
-    conv.add_argument("--transformer", required=True, help="official folder (with transformer/) or the transformer folder")
-    conv.add_argument("--vae", help="diffusers VAE folder or file (e.g. stable-diffusion-3.5-medium/vae)")
+    conv.add_argument("--transformer", required=True,
+                      help="official folder (with transformer/), the transformer folder, or an SMFSR bundle to re-store")
+    conv.add_argument("--vae", help="a VAE folder or file (default: the one in --sd35)")
     conv.add_argument("--prompt-embeds", help=".safetensors with 'embeds' (1, L, 4096) and 'pooled' (1, 2048)")
-    conv.add_argument("--prompt-text", help="the prompt those embeddings encode (stored as a note)")
+    conv.add_argument("--prompt-text", help="the prompt to store (encoded with --sd35; default: the official one)")
     conv.add_argument("--upscale", type=_number(int, "--upscale", 1, inclusive=True), default=4)
-    conv.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16")
-    conv.add_argument("--license", default="see the original model's licence")
+    conv.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
+                      help="storage of the floating tensors (default fp16); fp8 weights keep their format")
+    conv.add_argument("--weights", choices=["auto", "fp8"], default="auto",
+                      help="fp8: store the transformer blocks' linears as float8 e4m3fn with scales (about half of fp16)")
+    conv.add_argument("--fp8-scale", choices=["channel", "tensor"], default="channel",
+                      help="fp8 scale granularity (default: per output channel)")
+    conv.add_argument("--license", help="licence note to store (default: the source's)")
     conv.add_argument("-o", "--output", required=True)
     conv.add_argument("--overwrite", action="store_true")
+    add_text_encoder_arguments(conv)
     conv.set_defaults(func=cmd_convert)
     return parser
 

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from kornia.enhance import jpeg_codec_differentiable
 
 KERNEL_SIZE = 21
 RESIZE_MODES = ("area", "bilinear", "bicubic")
@@ -139,6 +138,8 @@ def jpeg(image: torch.Tensor, quality: float) -> torch.Tensor:
     h, w = image.shape[-2:]
     ph, pw = (-h) % 16, (-w) % 16
     x = F.pad(image, (0, pw, 0, ph), mode="replicate") if ph or pw else image
+    from kornia.enhance import jpeg_codec_differentiable  # kornia comes with the trainer extra, not the core
+
     out = jpeg_codec_differentiable(x, torch.full((image.shape[0],), float(quality)))
     return out[..., :h, :w].clamp(0, 1)
 

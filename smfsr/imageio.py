@@ -46,13 +46,18 @@ def check_size(width: int, height: int, name: str = "image", max_pixels: int = M
         raise ImageError(f"{name} is {width}x{height} pixels; SMFSR needs at least {MIN_SIDE} pixels on each side")
     if width * height > max_pixels:
         raise ImageError(
-            f"{name} is {width}x{height} = {width * height / 1e6:.0f} MP, over the {max_pixels / 1e6:.0f} MP input limit. "
+            f"{name} is {width}x{height} = {_pixels(width * height)}, over the input limit of {_pixels(max_pixels)}. "
             "Split it into parts, downscale it, or raise the limit (--max-pixels) if you really mean it."
         )
 
 
-def open_image(path: str | os.PathLike, max_pixels: int = MAX_INPUT_PIXELS) -> Image.Image:
-    """Open and fully decode an image file, turning every failure into a clear ImageError."""
+def _pixels(n: int) -> str:
+    return f"{n / 1e6:.0f} MP" if n >= 10**6 else f"{n:,} pixels"
+
+
+def open_image(path: str | os.PathLike, max_pixels: int = MAX_INPUT_PIXELS, *, decode: bool = True) -> Image.Image:
+    """Open and fully decode an image file, turning every failure into a clear ImageError.
+    ``decode=False`` reads the header only: a fast check of a file before any work starts."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(f"{path}: no such file")
@@ -63,6 +68,8 @@ def open_image(path: str | os.PathLike, max_pixels: int = MAX_INPUT_PIXELS) -> I
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             image = Image.open(path)
             check_size(*image.size, name=str(path), max_pixels=max_pixels)
+            if not decode:
+                return image
             image.load()
     except ImageError:
         raise

@@ -67,9 +67,13 @@ class TrainConfig:
     generator_lora_rank: int = 0  # 0: the generator trains fully (its `trainable` layers); > 0: as a LoRA
     fake_lora_rank: int = 16  # the VSD fake score: a LoRA of this rank on a copy of the teacher
     fake_learning_rate: float = 1e-4
-    dinov3: str | None = None  # DINOv3 ViT folder (transformers layout, safetensors), e.g. dinov3-vits16
-    dino_layers: str = "3,6,9,12"  # blocks whose patch tokens the discriminator heads read
-    dino_resolution: int = 224  # short side the images are resized to before DINOv3
+    refine_steps: str = "1"  # generator step counts trained, drawn per micro-batch ("1,2,4": multi-step stays good)
+    disc_backbone: str | None = None  # the discriminator's frozen backbone: a transformers folder (DINOv3, the
+    # paper's; DINOv2, SigLIP, ...) or a feature-stack file (recipes/quality/convert_stlpips.py: VGG-16)
+    disc_layers: str = "3,6,9,12"  # its depths the heads read (a ViT's blocks; VGG: 1..5 = relu1_2 .. relu5_3)
+    disc_resolution: int = 224  # short side images are resized to for a transformers backbone (0: as they are)
+    weight_perceptual: float = 0.0  # LPIPS-style distance to the HR image (the generator's)
+    perceptual_net: str | None = None  # its network (default: disc_backbone); a file with LPIPS weights uses them
     disc_width: int = 128
     disc_conditioned: bool = True  # the heads also see the LR image
     disc_learning_rate: float = 1e-4
@@ -100,6 +104,11 @@ class TrainConfig:
             raise SystemExit(f"config: stage must be 'vae', 'flow', 'meanflow' or 'refine', not {self.stage!r}")
         if self.gan_loss not in ("hinge", "nonsaturating"):
             raise SystemExit(f"config: gan_loss must be 'hinge' or 'nonsaturating', not {self.gan_loss!r}")
+        if self.stage == "refine" and (self.weight_gan or self.weight_perceptual) and not (
+                self.disc_backbone or self.perceptual_net):
+            raise SystemExit("config: the GAN and perceptual terms need a frozen network: set disc_backbone "
+                             "(a DINOv3 folder, or the VGG-16 file of recipes/quality/convert_stlpips.py), "
+                             "or weight_gan 0 and weight_perceptual 0")
         if self.stage == "refine" and self.weight_vsd and self.fake_lora_rank < 1:
             raise SystemExit("config: VSD needs a fake score: set fake_lora_rank >= 1 (or weight_vsd 0)")
         if not 0 <= self.vsd_t_min < self.vsd_t_max <= 1:

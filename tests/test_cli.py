@@ -64,6 +64,7 @@ def test_folders_and_globs_keep_names_and_never_overwrite(tmp_path, tiny_bundle_
     assert sorted(p.name for p in globbed.iterdir()) == ["img0.png", "img1.png"]
 
 
+@pytest.mark.slow
 def test_broken_images_are_reported_and_the_rest_finish(tmp_path, tiny_bundle_path):
     src = tmp_path / "in"
     write_images(src, 2)
@@ -85,6 +86,7 @@ def test_broken_images_are_reported_and_the_rest_finish(tmp_path, tiny_bundle_pa
     assert "2 of 6 images upscaled, 4 failed" in err
 
 
+@pytest.mark.slow
 def test_bad_model_files_exit_2_with_one_clear_line(tmp_path, sample_png, tiny_bundle_path):
     pkl = tmp_path / "model.ckpt"
     pkl.write_bytes(b"\x80\x04K\x01.")
@@ -141,13 +143,10 @@ def test_convert_writes_a_bundle_from_official_parts(tmp_path, sample_png):
     assert main(["convert", "--transformer", str(root), "-o", str(out)]) == 2  # exists: refused
 
 
-@pytest.mark.parametrize("flag", ["--vae-tile=16", "--vae-tile=off", "--vae-tile=4"])
+@pytest.mark.parametrize("flag", ["--vae-tile=16", "--vae-tile=off", "--vae-tile=2"])
 def test_vae_tile_flag(tmp_path, tiny_bundle_path, sample_png, flag, capsys):
     out = tmp_path / "o.png"
     code = main(["upscale", str(sample_png), "-o", str(out), "--model", str(tiny_bundle_path), flag, "-q"])
-    if flag == "--vae-tile=4":  # below this VAE's halo: refused with a reason
-        assert code == 1 and "smaller than the halo" in capsys.readouterr().err
-        return
     assert code == 0 and Image.open(out).size == (128, 96)
     reference = tmp_path / "ref.png"
     assert main(["upscale", str(sample_png), "-o", str(reference), "--model", str(tiny_bundle_path), "-q"]) == 0

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import install
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,9 +34,23 @@ def test_only_missing_requirements_are_installed(tmp_path):
         raise AssertionError("a requirements file listing torch must be refused")
 
 
-def test_running_it_twice_changes_nothing():
-    result = subprocess.run([sys.executable, str(REPO / "install.py")], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0 and "all requirements present" in result.stdout
+def test_check_mode_reports_without_installing(tmp_path, monkeypatch, capsys):
+    """Never installs into the test environment: --check only reports."""
+    result = subprocess.run([sys.executable, str(REPO / "install.py"), "--check"], capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0 and "all requirements present" in result.stdout  # this environment has them
+    wanted = tmp_path / "requirements.txt"
+    wanted.write_text("safetensors>=0.4\nsurely-not-a-real-package-smfsr>=1\n")
+    read = install.requirements
+    monkeypatch.setattr(install, "requirements", lambda: read(wanted))
+    monkeypatch.setattr(install, "install", lambda reqs: pytest.fail(f"--check installed {reqs}"))
+    with pytest.raises(SystemExit) as stop:
+        install.main(["--check"])
+    assert stop.value.code == 1 and "would install surely-not-a-real-package-smfsr>=1" in capsys.readouterr().out
+
+
+def test_version_bounds_are_read_without_the_packaging_module():
+    assert install._below("4.30.2", "4.48") and not install._below("4.48.0", "4.48") and install._below("0.9", "0.10")
 
 
 def test_undeclared_incompatibilities_become_constraints(monkeypatch):

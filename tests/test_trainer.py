@@ -145,6 +145,7 @@ def test_config_file_and_overrides(tmp_path):
         load_config(["--config", str(toml)])
 
 
+@pytest.mark.slow
 def test_two_rank_ddp_on_cpu_ends_with_identical_weights(photos, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "SMFSR_RANK_DIGESTS": "1", "OMP_NUM_THREADS": "1"}
@@ -167,6 +168,7 @@ def test_two_rank_ddp_on_cpu_ends_with_identical_weights(photos, tmp_path):
     assert digests[0].read_text() != weights_digest(initial)
 
 
+@pytest.mark.slow
 def test_isc_distillation_beats_the_teachers_one_step_on_a_toy_problem(capsys):
     """The method, measured: sliced Wasserstein distance to the data of 1-step samples."""
     from smfsr_trainer.toy.mixture import train_and_compare
@@ -198,3 +200,32 @@ def test_vae_stage_trains_a_codec_with_measured_latent_statistics(photos, tmp_pa
     before, _ = vae_loss(fresh, batch, g, 1e-6)
     after, _ = vae_loss(vae, batch, torch.Generator().manual_seed(0), 1e-6)
     assert after.item() < before.item()
+
+
+@pytest.mark.slow
+def test_ctrl_c_saves_a_checkpoint_and_says_how_to_resume(photos, tmp_path):
+    import signal
+
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "smfsr_trainer" / "train.py"), "--config", TINY, "--train-dir", str(photos),
+           "--output-dir", str(out), "--max-steps", "100000", "--log-every", "1", "--checkpoint-every", "100000"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in proc.stdout:  # wait until it trains
+        if line.startswith("step 3/"):
+            break
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr and "stopping after this step" in stderr
+    said = stdout.strip().splitlines()[-2:]
+    assert said[0].startswith("interrupted at step ") and "resume with the same command plus --resume" in said[1]
+    step = int(said[0].split()[3].split("/")[0])
+    saved = out / "flow" / f"checkpoint-{step:08d}"
+    assert saved.is_dir() and f"saved {saved}" in said[0]
+    resumed = subprocess.run([*cmd[:-6], "--max-steps", str(step + 2), "--log-every", "1", "--resume"],
+                             capture_output=True, text=True, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert f"resumed from {saved} at step {step}" in resumed.stdout
+    assert f"step {step + 1}/{step + 2}" in resumed.stdout and (out / "flow.safetensors").exists()
