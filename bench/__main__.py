@@ -14,9 +14,10 @@ from .harness import Table, report
 
 COMPARISONS = {
     "steps": "bench.steps",  # one SMFSR step vs a 40-step teacher
-    "tiled_vae": "bench.tiled_vae",  # exact / fast / diffusers tiled VAE vs untiled
+    "tiled_vae": "bench.tiled_vae",  # exact tiled VAE and diffusers tiling vs untiled
     "training_step": "bench.training_step",  # ISC vs MeanFlow JVP training step
     "pipeline": "bench.pipeline",  # end to end vs 40 teacher steps, throughput, scaling with size
+    "runtime": "bench.runtime",  # fp8 vs bf16/fp32: size, load memory, speed, output difference
 }
 
 

@@ -68,7 +68,7 @@ def load_bundle_of_kind(path: str, what: str, *, average_velocity: bool) -> Bund
     """A bundle whose transformer is (``average_velocity``) a mean-flow student or a flow teacher."""
     if not Path(path).exists():
         raise SystemExit(f"stage needs {what}: {path} does not exist (run the stage that exports it, or set it)")
-    bundle = load_model(path)
+    bundle = load_model(path, dtype=torch.float32)  # trained in float32, whatever the file stores
     if bundle.transformer.is_average_velocity != average_velocity:
         kind = "a mean-flow (one-step) student" if average_velocity else "a flow teacher"
         raise SystemExit(f"{path} is not {kind}, as {what} must be")
@@ -134,12 +134,19 @@ def default_steps(config: TrainConfig, value: int) -> int:
     return value or (1 if config.stage in ("meanflow", "refine") else 25)
 
 
+def one_step_only(config: TrainConfig) -> bool:
+    """A generator refined at one step only: the rest of its interval field drifted from the
+    distilled one (2 and 4 steps come out grainy), so its bundle says so and doors refuse more."""
+    return config.stage == "refine" and [s.strip() for s in str(config.refine_steps).split(",")] == ["1"]
+
+
 def to_bundle(config: TrainConfig, nets: Networks, model: torch.nn.Module) -> Bundle:
     tile = max(16, 2 * config.crop // 8)
     defaults = PipelineDefaults(
         upscale=config.scale, steps=default_steps(config, config.export_steps),
         process_size=config.process_size or config.crop, vae_scaling_factor=nets.codec.scaling_factor,
         vae_shift_factor=nets.codec.shift_factor, latent_tile=tile, latent_overlap=tile // 4, flow_shift=1.0,
+        max_steps=1 if one_step_only(config) else 0,
     )
     return Bundle(transformer=model, vae=nets.codec.vae, prompt_embeds=nets.prompt[0], prompt_pooled=nets.prompt[1],
                   defaults=defaults, license="Apache-2.0 (weights trained with the SMFSR trainer)",
@@ -147,6 +154,10 @@ def to_bundle(config: TrainConfig, nets: Networks, model: torch.nn.Module) -> Bu
 
 
 def config_summary(config: TrainConfig) -> dict:
-    keys = ("stage", "preset", "crop", "scale", "degradation", "batch_size", "learning_rate", "max_steps",
-            "boundary_fraction", "fixed_interval_fraction", "seed")
+    """What a bundle's provenance records of the run that made it (the network: its preset, or the
+    bundle it started from)."""
+    keys = ["stage", "init" if config.init else "preset", "crop", "scale", "degradation", "batch_size",
+            "learning_rate", "max_steps", "seed"]
+    keys += {"meanflow": ["boundary_fraction", "fixed_interval_fraction"],
+             "refine": ["refine_steps", "weight_l2", "weight_perceptual", "weight_gan", "weight_vsd"]}.get(config.stage, [])
     return {k: getattr(config, k) for k in keys}

@@ -1,5 +1,6 @@
-"""Trainer II: the refine stage (DINOv3 GAN + VSD) on tiny configs (CPU): who gets which gradient,
-each loss on its own, resume, LoRA generator, export, and the DINOv3 loader's errors."""
+"""Trainer II: the refine stage (GAN on a frozen backbone, perceptual loss, VSD) on tiny configs
+(CPU): who gets which gradient with each backbone, each loss on its own, resume, LoRA generator,
+multi-step training, export, and the backbone loaders' errors."""
 
 from __future__ import annotations
 
@@ -10,18 +11,18 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from smfsr.options import UpscaleOptions
 from smfsr.pipeline import SMFSRUpscaler
-from tests.helpers import TINY_TRAIN_CONFIG, build_networks, photo_like, train
+from tests.helpers import TINY_TRAIN_CONFIG, build_networks, photo_like, save_random_dinov3, \
+    save_random_feature_stack, train
 
 TINY = TINY_TRAIN_CONFIG
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict[str, Path]:
-    """Photos, a tiny teacher + distilled student (run/flow.safetensors, run/meanflow.safetensors)
-    and a random tiny DINOv3 saved in the transformers layout."""
-    from smfsr_trainer.discriminator import save_random_dinov3
-
+    """Photos, a tiny teacher + distilled student (run/flow.safetensors, run/meanflow.safetensors),
+    a random tiny DINOv3 in the transformers layout and a random narrow VGG-16 feature stack."""
     root = tmp_path_factory.mktemp("refine")
     photos = root / "photos"
     photos.mkdir()
@@ -30,19 +31,29 @@ def setup(tmp_path_factory) -> dict[str, Path]:
     run = root / "run"
     train(photos, run, "--stage", "flow", "--max-steps", "10")
     train(photos, run, "--stage", "meanflow", "--max-steps", "10")
-    return {"photos": photos, "run": run, "dino": save_random_dinov3(root / "dinov3")}
+    return {"photos": photos, "run": run, "dino": save_random_dinov3(root / "dinov3"),
+            "vgg": save_random_feature_stack(root / "vgg.safetensors")}
 
 
 def refine_args(setup, *args: str) -> list[str]:
     run = setup["run"]
-    return ["--stage", "refine", "--dinov3", str(setup["dino"]), "--init", str(run / "meanflow.safetensors"),
+    return ["--stage", "refine", "--disc-backbone", str(setup["dino"]), "--init", str(run / "meanflow.safetensors"),
             "--teacher", str(run / "flow.safetensors"), *args]
 
 
-def networks_and_batch(setup, *args: str):
+VGG = ["--disc-layers", "2,3", "--disc-resolution", "0", "--weight-perceptual", "1.0"]
+
+
+def vgg_args(setup, *args: str) -> list[str]:
+    return refine_args(setup, "--disc-backbone", str(setup["vgg"]), *VGG, *args)
+
+
+def networks_and_batch(setup, *args: str, vgg: bool = False):
     from smfsr_trainer.config import load_config
     from smfsr_trainer.data import SRPairs
-    config, _ = load_config(["--config", TINY, "--train-dir", str(setup["photos"]), *refine_args(setup, *args)])
+
+    chosen = vgg_args(setup, *args) if vgg else refine_args(setup, *args)
+    config, _ = load_config(["--config", TINY, "--train-dir", str(setup["photos"]), *chosen])
     torch.manual_seed(0)
     nets = build_networks(config)
     data = SRPairs(str(setup["photos"]), crop=64, scale=4, degradation="bicubic", seed=0)
@@ -67,16 +78,19 @@ def clear(*modules: torch.nn.Module) -> None:
             p.grad = None
 
 
-def test_each_network_gets_gradients_only_from_its_own_loss(setup):
+@pytest.mark.parametrize("backbone", ["dinov3", "vgg"])
+def test_each_network_gets_gradients_only_from_its_own_loss(setup, backbone):
     from smfsr_trainer.stages.refine import discriminator_step_loss, fake_score_loss, generator_loss
 
-    config, nets, batch = networks_and_batch(setup, "--r1-gamma", "1.0")
+    config, nets, batch = networks_and_batch(setup, "--r1-gamma", "1.0", vgg=backbone == "vgg")
     r = nets.extra
     everyone = (nets.trained, r.fake, r.heads, r.backbone, r.teacher, nets.codec.vae)
     b = fresh(config, nets, batch)
 
     loss, parts = generator_loss(config, r, nets.trained, nets.codec, b)
     assert {"loss_l2", "loss_gan", "vsd_mismatch"} <= set(parts)
+    assert ("loss_perceptual" in parts) == (backbone == "vgg")
+    assert r.perceptual is (r.backbone if backbone == "vgg" else None)  # one file, one network
     loss.backward()
     assert grads(nets.trained)
     assert not (grads(r.heads) | grads(r.fake) | grads(r.backbone) | grads(r.teacher) | grads(nets.codec.vae))
@@ -216,38 +230,97 @@ def test_generator_as_a_lora_trains_only_adapters_and_exports_merged_weights(set
     assert not (tmp_path / "lora" / "refine" / "checkpoint-00000002" / "optimizer_2.bin").exists()  # no discriminator
 
 
-def test_dinov3_is_loaded_from_a_local_folder_with_clear_errors(setup, tmp_path):
-    from smfsr_trainer.discriminator import dino_features, load_dinov3, parse_layers, preprocess
+def test_backbones_load_from_local_safetensors_with_clear_errors(setup, tmp_path):
+    from smfsr_trainer.backbones import load_backbone, parse_depths
 
-    with pytest.raises(SystemExit, match="dinov3 is not set.*--dinov3"):
-        load_dinov3(None)
-    with pytest.raises(SystemExit, match="no config.json.*huggingface-cli download"):
-        load_dinov3(tmp_path / "missing")
+    with pytest.raises(SystemExit, match="not set.*huggingface-cli download.*convert_stlpips"):
+        load_backbone(None)
+    with pytest.raises(SystemExit, match="does not exist.*convert_stlpips"):
+        load_backbone(tmp_path / "missing")
+    folder = tmp_path / "not-a-model"
+    folder.mkdir()
+    with pytest.raises(SystemExit, match="no config.json"):
+        load_backbone(folder)
     pickled = tmp_path / "pickled"
     pickled.mkdir()
     (pickled / "config.json").write_text((setup["dino"] / "config.json").read_text())
     (pickled / "pytorch_model.bin").write_bytes(b"\x80\x02not really")
     with pytest.raises(SystemExit, match="pickled weights are never loaded"):
-        load_dinov3(pickled)
-    backbone = load_dinov3(setup["dino"])
-    assert not any(p.requires_grad for p in backbone.parameters())
+        load_backbone(pickled)
+    pth = tmp_path / "vgg_shift_tolerant.pth"
+    pth.write_bytes(b"PK\x03\x04 a torch.save zip")
+    with pytest.raises(SystemExit, match="pickled PyTorch checkpoint"):
+        load_backbone(pth)
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(1)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(SystemExit, match="not a feature network.*convert_stlpips"):
+        load_backbone(tmp_path / "other.safetensors")
+
+    vit = load_backbone(setup["dino"], 64)
+    assert not any(p.requires_grad for p in vit.parameters()) and vit.depth == 4
     with pytest.raises(SystemExit, match="1..4"):
-        parse_layers("2,5", backbone.config.num_hidden_layers)
-    x = preprocess(torch.full((1, 3, 48, 80), 0.485), 64, 8)
+        parse_depths("2,5", vit.depth)
+    x = vit.preprocess(torch.full((1, 3, 48, 80), 0.485))
     assert x.shape == (1, 3, 64, 104) and x[:, 0].abs().max() < 1e-5  # short side 64, sides x8, normalised
-    features = dino_features(backbone, torch.rand(2, 3, 48, 80), [2, 4], 64)
-    assert [f.shape for f in features] == [(2, 32, 8, 13)] * 2
+    assert [f.shape for f in vit(torch.rand(2, 3, 48, 80), [2, 4])] == [(2, 32, 8, 13)] * 2
+
+    vgg = load_backbone(setup["vgg"], 0)
+    assert vgg.depth == 5 and vgg.channels == [4, 8, 16, 32, 64] and vgg.has_distance
+    maps = vgg(torch.rand(2, 3, 64, 96), [1, 2, 3])
+    assert [m.shape[-2:] for m in maps] == [(64, 96), (33, 49), (17, 25)]  # about /2 per pooling (ST-LPIPS pads 2)
+    from smfsr_trainer.backbones import image_distance
+
+    a = torch.rand(2, 3, 64, 64)
+    assert torch.allclose(image_distance(vgg, a, a), torch.zeros(2)) and (image_distance(vgg, a, a.flip(-1)) > 0).all()
+
+
+def test_a_vgg_refine_with_the_perceptual_loss_resumes_exactly_and_exports(setup, tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    args = vgg_args(setup, "--max-steps", "4", "--checkpoint-every", "2", "--weight-vsd", "0", "--refine-steps", "1,2")
+    path = train(setup["photos"], straight, *args)
+    train(setup["photos"], broken, *vgg_args(setup, "--max-steps", "2", "--checkpoint-every", "2", "--weight-vsd", "0",
+                                             "--refine-steps", "1,2"))
+    (broken / "refine.safetensors").unlink()
+    train(setup["photos"], broken, *args, "--resume")
+    a, b = load_file(str(straight / "refine.safetensors")), load_file(str(broken / "refine.safetensors"))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    up = SMFSRUpscaler.from_pretrained(path, device="cpu")
+    for steps in (1, 2):
+        assert up(Image.open(next(setup["photos"].iterdir())), UpscaleOptions(steps=steps)).size == (512, 384)
+
+
+def test_the_generator_trains_at_each_step_count_it_is_given(setup):
+    from smfsr_trainer.stages import get_stage
+
+    config, nets, batch = networks_and_batch(setup, "--refine-steps", "1,2,4")
+    drawn = {get_stage("refine").batch(config, nets, batch, torch.Generator().manual_seed(s), torch.device("cpu")).steps
+             for s in range(40)}
+    assert drawn == {1, 2, 4}
+    from smfsr_trainer.stages.refine import generate
+
+    b = fresh(config, nets, batch)
+    noise = torch.randn(b.x.shape, generator=torch.Generator().manual_seed(3))
+    two = generate(nets.trained, noise, b.cond, 2)
+    two.square().mean().backward()  # differentiable through both steps
+    assert any(p.grad is not None for p in nets.trained.parameters())
+    from smfsr.pipeline import SMFSRUpscaler  # noqa: F401 (the same schedule as the pipeline's sampler)
+    from smfsr import meanflow
+
+    with torch.no_grad():
+        u = lambda z, r, t: nets.trained(z, b.cond.lr_latent, b.cond.embeds, b.cond.pooled, t, r)  # noqa: E731
+        assert torch.allclose(two.detach(), meanflow.sample_average_velocity(u, noise, 2), atol=1e-5)
 
 
 def test_refine_needs_a_distilled_student_and_a_flow_teacher(setup, tmp_path):
     from smfsr_trainer.config import load_config
     run = setup["run"]
-    swapped = ["--config", TINY, "--train-dir", str(setup["photos"]), "--stage", "refine", "--dinov3",
+    swapped = ["--config", TINY, "--train-dir", str(setup["photos"]), "--stage", "refine", "--disc-backbone",
                str(setup["dino"]), "--init", str(run / "flow.safetensors"), "--teacher", str(run / "flow.safetensors")]
     with pytest.raises(SystemExit, match="not a mean-flow"):
         build_networks(load_config(swapped)[0])
     missing = ["--config", TINY, "--train-dir", str(setup["photos"]), "--stage", "refine", "--output-dir",
-               str(tmp_path)]
+               str(tmp_path), "--weight-gan", "0"]
     with pytest.raises(SystemExit, match="flow.safetensors does not exist"):
         build_networks(load_config(missing)[0])
 

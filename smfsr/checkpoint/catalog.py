@@ -32,7 +32,8 @@ def find_models(folders: list[str | os.PathLike]) -> list[ModelEntry]:
         folder = Path(folder)
         if not folder.is_dir():
             continue
-        for path in sorted(folder.iterdir()):
+        # by stem, so "name.safetensors" lists before its variants ("name-q.safetensors")
+        for path in sorted(folder.iterdir(), key=lambda p: (p.stem, p.name)):
             key = path.resolve()
             if key in seen:
                 continue

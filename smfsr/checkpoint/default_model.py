@@ -1,4 +1,7 @@
-"""Where the default model lives: the small bundle that ships in the repository's ``models/``."""
+"""The models that ship in the repository's ``models/``, and which one runs when none is named.
+
+Every door accepts a shipped model by name (``--model smfsr-small-x4-q``) as well as by path.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +10,43 @@ from pathlib import Path
 
 from ..errors import SMFSRError
 
-DEFAULT_MODEL_NAME = "smfsr-small-x4.safetensors"
 REPO_MODELS = Path(__file__).resolve().parents[2] / "models"
-SHIPPED_MODEL = REPO_MODELS / DEFAULT_MODEL_NAME  # the file itself, whatever $SMFSR_MODEL says
+FIDELITY, QUALITY = "smfsr-small-x4", "smfsr-small-x4-q"
+SHIPPED = {FIDELITY: "fidelity: closest to the ground truth (PSNR)",
+           QUALITY: "quality: GAN + perceptual refinement (sharper, more natural detail)"}
+DEFAULT = FIDELITY  # the model card says why this one (models/README.md)
+SHIPPED_MODEL = REPO_MODELS / f"{DEFAULT}.safetensors"  # the default model's file, whatever $SMFSR_MODEL says
+
+
+def shipped(name: str) -> Path:
+    return REPO_MODELS / f"{name}.safetensors"
+
+
+def resolve_model(model: str | os.PathLike) -> Path:
+    """A path as given, or a shipped model's name (with or without .safetensors)."""
+    path = Path(model)
+    if path.exists():
+        return path
+    name = path.name.removesuffix(".safetensors")
+    if str(model) == path.name and name in SHIPPED and shipped(name).exists():
+        return shipped(name)
+    known = ", ".join(SHIPPED)
+    raise SMFSRError(f"{model}: no such file or folder (shipped models, usable by name: {known})")
 
 
 def default_model_path() -> Path:
-    """$SMFSR_MODEL if set, else ``models/smfsr-small-x4.safetensors`` beside the package."""
+    """$SMFSR_MODEL if set (a path or a shipped name), else the default shipped model."""
     env = os.environ.get("SMFSR_MODEL")
-    path = Path(env) if env else SHIPPED_MODEL
-    if not path.exists():
+    if env:
+        try:
+            return resolve_model(env)
+        except SMFSRError:
+            raise SMFSRError(f"SMFSR_MODEL={env}: no such model. Pass --model with an SMFSR bundle (.safetensors), "
+                             f"an official SMFSR folder or a shipped model's name ({', '.join(SHIPPED)}), or unset "
+                             "SMFSR_MODEL.") from None
+    if not SHIPPED_MODEL.exists():
         raise SMFSRError(
-            f"no model given and the default model {path} is not there. Pass --model with an SMFSR bundle "
+            f"no model given and the default model {SHIPPED_MODEL} is not there. Pass --model with an SMFSR bundle "
             "(.safetensors) or an official SMFSR folder, or set SMFSR_MODEL."
         )
-    return path
+    return SHIPPED_MODEL

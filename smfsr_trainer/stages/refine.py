@@ -1,16 +1,24 @@
-"""Stage ``refine``: the one-step generator sharpened by a DINOv3 GAN and kept on the teacher's
-image distribution by VSD (method.md 2.5). Three networks train, in this order every step:
+"""Stage ``refine``: the distilled generator sharpened by a GAN on frozen features and kept on the
+teacher's image distribution by VSD (method.md 2.5). Three networks train, in this order every step:
 
-  1. generator (the SMFSR student, fully or as a LoRA), one step from noise:  x_hat = e - u(e, 0, 1 | LR)
-        L_G = w_l2 |x_hat - x|^2 + w_l1 |x_hat - x| + w_gan L_adv(D(decode(x_hat))) + w_vsd L_vsd(x_hat)
+  1. generator (the SMFSR student, fully or as a LoRA), N steps from noise, N drawn from
+     ``refine_steps`` (one step: x_hat = e - u(e, 0, 1 | LR)), differentiable through every step:
+        L_G = w_l2 |x_hat - x|^2 + w_l1 |x_hat - x| + w_perceptual d(decode(x_hat), HR)
+              + w_gan L_adv(D(decode(x_hat))) + w_vsd L_vsd(x_hat)
   2. fake score (a LoRA copy of the frozen teacher), flow matching on sg(x_hat):
         L_fake = flow-matching loss of v_fake at logit-normal t
-  3. discriminator heads on frozen DINOv3 features, real = the HR crop, fake = sg(decode(x_hat)):
+  3. discriminator heads on frozen backbone features, real = the HR crop, fake = sg(decode(x_hat)):
         L_D = hinge or non-saturating loss (+ r1_gamma / 2 * R1 on the real images)
 
-While one network trains the others are frozen for that loss (their parameters get no gradient),
-the DINOv3 backbone, the real-score teacher and the VAE never train. The fake score and the
-discriminator see the sample the generator produced before its update (as in DMD2).
+Training the generator at every step count it will be run with keeps multi-step sampling at least
+as good as one step: the GAN and reconstruction terms see the 2- and 4-step samples too, so the
+sub-intervals of the mean-flow field are refined with the whole one (an L2-only refinement of the
+[0, 1] jump alone left 2 and 4 steps grainy).
+
+While one network trains the others are frozen for that loss (their parameters get no gradient);
+the backbones, the real-score teacher and the VAE never train. The fake score and the
+discriminator see the sample the generator produced before its update (as in DMD2), and the
+discriminator reuses the backbone features the generator's turn computed.
 """
 
 from __future__ import annotations
@@ -26,9 +34,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from smfsr import meanflow
 
+from ..backbones import FeatureBackbone, load_backbone, parse_depths, perceptual_distance
 from ..conditioning import Condition, average_velocity_fn, guided, velocity_fn
-from ..discriminator import DiscriminatorHeads, dino_features, discriminator_loss, generator_adversarial_loss, \
-    load_dinov3, parse_layers, r1_penalty
+from ..discriminator import DiscriminatorHeads, discriminator_loss, generator_adversarial_loss, r1_penalty
 from ..lora import add_lora
 from ..networks import Networks, encode, load_bundle_of_kind, null_condition, select_trainable, with_frozen_parts
 from ..vsd import vsd_loss, vsd_times
@@ -41,14 +49,22 @@ from .meanflow import teacher_bundle
 class RefineNets:
     """What the refine stage adds to the generator: ``fake`` and ``heads`` train, the rest is frozen."""
 
-    teacher: torch.nn.Module  # real score
-    fake: torch.nn.Module | None  # fake score: a LoRA copy of the teacher (None: VSD off)
-    backbone: torch.nn.Module | None  # DINOv3 (None: GAN off)
-    heads: torch.nn.Module | None  # DiscriminatorHeads (None: GAN off)
-    layers: list[int]
+    teacher: torch.nn.Module | None = None  # real score (None: VSD off)
+    fake: torch.nn.Module | None = None  # fake score: a LoRA copy of the teacher (None: VSD off)
+    backbone: FeatureBackbone | None = None  # the discriminator's (None: GAN off)
+    heads: torch.nn.Module | None = None  # DiscriminatorHeads (None: GAN off)
+    disc_depths: list[int] = field(default_factory=list)
+    perceptual: FeatureBackbone | None = None  # the perceptual loss's network (may be ``backbone``)
 
     def frozen(self) -> list[torch.nn.Module]:
-        return [m for m in (self.teacher, self.backbone) if m is not None]
+        return [m for m in (self.teacher, self.backbone, self.perceptual) if m is not None]
+
+    def depths(self, net: FeatureBackbone) -> list[int]:
+        """The depths of ``net`` the losses read: the heads' and, for the perceptual net, all."""
+        wanted = set(self.disc_depths) if net is self.backbone else set()
+        if net is self.perceptual:
+            wanted |= set(range(1, net.depth + 1))
+        return sorted(wanted)
 
 
 @dataclass
@@ -61,9 +77,11 @@ class RefineBatch:
     hr: torch.Tensor  # HR image in [0, 1]
     lr: torch.Tensor  # LR image in [0, 1]
     g: torch.Generator
+    steps: int = 1  # generator steps this micro-batch
     sample: torch.Tensor | None = None  # sg(x_hat)
-    image: torch.Tensor | None = None  # sg(decode(x_hat)), when the GAN term decoded it
-    logs: dict[str, float] = field(default_factory=dict)
+    image: torch.Tensor | None = None  # sg(decode(x_hat)), when a feature loss decoded it
+    fake_features: dict[int, torch.Tensor] = field(default_factory=dict)  # sg, of the discriminator's backbone
+    real_features: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @contextlib.contextmanager
@@ -79,23 +97,25 @@ def frozen(module: torch.nn.Module):
             p.requires_grad_(flag)
 
 
+def generate(generator: torch.nn.Module, noise: torch.Tensor, cond: Condition, steps: int = 1) -> torch.Tensor:
+    """The SMFSR sampler, differentiable: ``steps`` mean-flow steps on the cosine schedule; one step is
+    x_hat = z_1 - (1 - 0) u(z_1, r=0, t=1)."""
+    u = average_velocity_fn(generator)
+    return meanflow.sample_average_velocity(lambda z, r, t: u(z, r, t, cond), noise, steps)
+
+
 def one_step(generator: torch.nn.Module, noise: torch.Tensor, cond: Condition) -> torch.Tensor:
-    """x_hat = z_0 = z_1 - (1 - 0) u(z_1, r=0, t=1): the SMFSR sampler with one step, differentiable."""
-    n = noise.shape[0]
-    ones, zeros = noise.new_ones(n), noise.new_zeros(n)
-    return meanflow.displace(noise, average_velocity_fn(generator)(noise, zeros, ones, cond), zeros, ones)
+    return generate(generator, noise, cond, 1)
 
 
-def discriminate(nets: RefineNets, heads: torch.nn.Module, images: torch.Tensor, lr: torch.Tensor, config
-                 ) -> list[torch.Tensor]:
-    features = dino_features(nets.backbone, images, nets.layers, config.dino_resolution)
-    return heads(features, lr)
+def features(net: FeatureBackbone, images: torch.Tensor, depths: list[int]) -> dict[int, torch.Tensor]:
+    return dict(zip(depths, net(images, depths)))
 
 
 def generator_loss(config, nets: RefineNets, generator: torch.nn.Module, codec, b: RefineBatch
                    ) -> tuple[torch.Tensor, dict[str, float]]:
     noise = torch.randn(b.x.shape, generator=b.g).to(b.x)
-    x_hat = one_step(generator, noise, b.cond)
+    x_hat = generate(generator, noise, b.cond, b.steps)
     b.sample = x_hat.detach()
     loss = x_hat.new_zeros(())
     logs: dict[str, float] = {}
@@ -107,18 +127,35 @@ def generator_loss(config, nets: RefineNets, generator: torch.nn.Module, codec, 
         l1 = F.l1_loss(x_hat, b.x)
         loss = loss + config.weight_l1 * l1
         logs["loss_l1"] = l1.item()
-    if config.weight_gan:
+    if config.weight_gan or config.weight_perceptual:
         image = codec.decode(x_hat, grad=True)
         b.image = image.detach()
-        with frozen(nets.heads) as heads:
-            adv = generator_adversarial_loss(discriminate(nets, heads, image, b.lr, config), config.gan_loss)
-        loss = loss + config.weight_gan * adv
-        logs["loss_gan"] = adv.item()
+        fake = {}  # each frozen network runs once on the sample, for every loss that reads it
+        for net in {id(n): n for n in (nets.backbone, nets.perceptual) if n is not None}.values():
+            fake[id(net)] = features(net, image, nets.depths(net))
+            if net is nets.backbone:
+                b.fake_features = {d: f.detach() for d, f in fake[id(net)].items()}
+        if config.weight_perceptual:
+            net = nets.perceptual
+            with torch.no_grad():
+                real = features(net, b.hr, nets.depths(net))
+            if net is nets.backbone:
+                b.real_features = real
+            depths = nets.depths(net)
+            distance = perceptual_distance(net, [fake[id(net)][d] for d in depths], [real[d] for d in depths]).mean()
+            loss = loss + config.weight_perceptual * distance
+            logs["loss_perceptual"] = distance.item()
+        if config.weight_gan:
+            with frozen(nets.heads) as heads:
+                maps = [fake[id(nets.backbone)][d] for d in nets.disc_depths]
+                adv = generator_adversarial_loss(heads(maps, b.lr), config.gan_loss)
+            loss = loss + config.weight_gan * adv
+            logs["loss_gan"] = adv.item()
     if config.weight_vsd:
         t = vsd_times(len(b.cond), config.vsd_t_min, config.vsd_t_max, b.g).to(b.x)
         vsd_noise = torch.randn(b.x.shape, generator=b.g).to(b.x)
-        real = guided(velocity_fn(nets.teacher), config.vsd_cfg, b.null.embeds[:1], b.null.pooled[:1])
-        surrogate, mismatch = vsd_loss(x_hat, real, velocity_fn(nets.fake), vsd_noise, t, b.cond)
+        real_score = guided(velocity_fn(nets.teacher), config.vsd_cfg, b.null.embeds[:1], b.null.pooled[:1])
+        surrogate, mismatch = vsd_loss(x_hat, real_score, velocity_fn(nets.fake), vsd_noise, t, b.cond)
         loss = loss + config.weight_vsd * surrogate
         logs["vsd_mismatch"] = mismatch.mean().item()
     logs["loss_generator"] = loss.item()
@@ -140,46 +177,64 @@ def discriminator_step_loss(config, nets: RefineNets, heads: torch.nn.Module, co
                             ) -> tuple[torch.Tensor, dict[str, float]]:
     if b.sample is None:
         raise RuntimeError("the discriminator needs the generator's samples: run generator_loss first")
-    fake = b.image if b.image is not None else codec.decode(b.sample)
-    real = b.hr.detach().requires_grad_(config.r1_gamma > 0)
-    n = real.shape[0]
-    # one pass over real and fake together: one forward per step for DDP. R1 differentiates a
-    # gradient: only the math attention kernel has a double backward.
-    kernels = sdpa_kernel(SDPBackend.MATH) if config.r1_gamma > 0 else contextlib.nullcontext()
-    with kernels:
-        logits = discriminate(nets, heads, torch.cat([real, fake.to(real)]), torch.cat([b.lr, b.lr]), config)
-    real_logits, fake_logits = [lg[:n] for lg in logits], [lg[n:] for lg in logits]
+    depths = nets.disc_depths
+    fake = b.fake_features or features(nets.backbone, b.image if b.image is not None else codec.decode(b.sample),
+                                       depths)
+    if config.r1_gamma > 0:  # R1 differentiates through the backbone: its real features need a graph
+        real_images = b.hr.detach().requires_grad_(True)
+        with sdpa_kernel(SDPBackend.MATH):  # the only attention kernel with a double backward
+            real = features(nets.backbone, real_images, depths)
+    else:
+        real = b.real_features or features(nets.backbone, b.hr, depths)
+    real_logits = heads([real[d] for d in depths], b.lr)
+    fake_logits = heads([fake[d].detach() for d in depths], b.lr)
     loss = discriminator_loss(real_logits, fake_logits, config.gan_loss)
     logs = {"loss_discriminator": loss.item(),
             "d_real": torch.stack([lg.mean() for lg in real_logits]).mean().item(),
             "d_fake": torch.stack([lg.mean() for lg in fake_logits]).mean().item()}
     if config.r1_gamma > 0:
-        r1 = r1_penalty(real_logits, real)
+        r1 = r1_penalty(real_logits, real_images)
         loss = loss + 0.5 * config.r1_gamma * r1
         logs["r1"] = r1.item()
     return loss, logs
 
 
 def refine_networks(config, teacher: torch.nn.Module) -> RefineNets:
-    """The frozen backbone with new heads (when the GAN term is on), and the fake score: a LoRA
-    on a teacher copy (when the VSD term is on)."""
-    backbone = heads = None
-    layers: list[int] = []
+    """The frozen backbone with new heads (when the GAN term is on), the perceptual network (when
+    that term is on; the same object when it is the same file), and the fake score: a LoRA on a
+    teacher copy (when the VSD term is on)."""
+    nets = RefineNets(teacher=teacher)
     if config.weight_gan:
-        backbone = load_dinov3(config.dinov3)
-        layers = parse_layers(config.dino_layers, backbone.config.num_hidden_layers)
+        nets.backbone = load_backbone(config.disc_backbone, config.disc_resolution, what="disc_backbone")
+        nets.disc_depths = parse_depths(config.disc_layers, nets.backbone.depth, "disc_layers")
         torch.manual_seed(config.seed)
-        heads = DiscriminatorHeads(backbone.config.hidden_size, len(layers), config.disc_width,
-                                   config.disc_conditioned).train()
-    fake = add_lora(copy.deepcopy(teacher), config.fake_lora_rank, seed=config.seed).train() if config.weight_vsd else None
-    return RefineNets(teacher, fake, backbone, heads, layers)
+        channels = [nets.backbone.channels[d - 1] for d in nets.disc_depths]
+        nets.heads = DiscriminatorHeads(channels, config.disc_width, config.disc_conditioned).train()
+    if config.weight_perceptual:
+        path = config.perceptual_net or config.disc_backbone
+        same = nets.backbone is not None and Path(path) == Path(config.disc_backbone)
+        nets.perceptual = nets.backbone if same else load_backbone(path, config.disc_resolution, what="perceptual_net")
+    if config.weight_vsd:
+        nets.fake = add_lora(copy.deepcopy(teacher), config.fake_lora_rank, seed=config.seed).train()
+    return nets
+
+
+def parse_steps(spec: str) -> list[int]:
+    try:
+        steps = [int(s) for s in str(spec).split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"config: refine_steps must be comma-separated step counts, not {spec!r}") from None
+    if not steps or min(steps) < 1:
+        raise SystemExit(f"config: refine_steps {spec!r}: each must be at least 1")
+    return steps
 
 
 class RefineStage(Stage):
     name = "refine"
 
     def build(self, config) -> Networks:
-        teacher = teacher_bundle(config).transformer.eval().requires_grad_(False)
+        # only VSD reads the teacher (the real score and the fake score's start)
+        teacher = teacher_bundle(config).transformer.eval().requires_grad_(False) if config.weight_vsd else None
         path = config.init or str(Path(config.output_dir) / "meanflow.safetensors")
         source = load_bundle_of_kind(path, "a student to refine (init)", average_velocity=True)
         trained = source.transformer
@@ -201,7 +256,10 @@ class RefineStage(Stage):
 
     def batch(self, config, nets, batch, g, device) -> RefineBatch:
         x, cond = encode(nets, batch, device)
-        return RefineBatch(x, cond, null_condition(nets, cond), batch["hr"].to(device), batch["lr"].to(device), g)
+        choices = parse_steps(config.refine_steps)
+        steps = choices[int(torch.randint(len(choices), (), generator=g))] if len(choices) > 1 else choices[0]
+        return RefineBatch(x, cond, null_condition(nets, cond), batch["hr"].to(device), batch["lr"].to(device), g,
+                           steps)
 
     def losses(self, config, nets, models):
         r = nets.extra
