@@ -101,7 +101,7 @@ def run(mode: str = "default") -> Table:
                 os.unlink(f)
     table.notes += [
         "exact: segment by segment, each segment (one GroupNorm + SiLU + conv) over all tiles with a 1 px halo, "
-        "GroupNorm statistics pooled over the tiles' cores in float64, maps between segments in host memory. "
+        "per-channel moments merged over the tiles' cores in float64, maps between segments in host memory. "
         "diffusers: enable_tiling() (per-tile GroupNorm, blended). Targets (issue 19): exact <= 1.25x untiled time "
         "and <= 60% of its peak; error <= 1e-5; time per MP flat outside the (quadratic) global attention.",
         f"The output image alone is 3 x H x W float32: {mib(3 * 4096 * 4096 * 4)} at 4096^2, "

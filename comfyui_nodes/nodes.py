@@ -93,22 +93,35 @@ class SMFSRModelLoader(io.ComfyNode):
                 io.Combo.Input("model_name", options=models.model_names(),
                                tooltip="A bundle from models/smfsr (make one with `smfsr convert`), or an official folder."),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
-                               tooltip="Weight precision: auto = bf16/fp16 on GPU, fp32 on CPU."),
+                               tooltip="Compute precision: auto = bf16/fp16 on GPU, fp32 on CPU."),
+                io.Combo.Input("weights", options=["auto", "fp8_e4m3fn"], default="auto",
+                               tooltip="fp8_e4m3fn: the transformer blocks in fp8 (half of bf16's memory; an fp8 "
+                                       "bundle is always fp8). auto: as stored."),
+                io.Int.Input("block_swap", default=0, min=-1, max=64,
+                             tooltip="Transformer blocks kept in system memory and streamed to the GPU as they run "
+                                     "(same pixels, less VRAM). -1 = as many as free VRAM needs; --lowvram/--novram "
+                                     "turn it on by themselves."),
+                io.Boolean.Input("compile", default=False,
+                                 tooltip="torch.compile the networks: the first run compiles (slow), later runs of the "
+                                         "same size are faster."),
             ],
             outputs=[SMFSRModelType.Output(display_name="smfsr_model")],
         )
 
     @classmethod
-    def fingerprint_inputs(cls, model_name: str, dtype: str):
+    def fingerprint_inputs(cls, model_name: str, dtype: str, weights: str = "auto", block_swap: int = 0,
+                           compile: bool = False):
+        settings = f"{model_name}:{dtype}:{weights}:{block_swap}:{compile}"
         try:  # reload when the file changes on disk
-            return f"{model_name}:{dtype}:{os.path.getmtime(models.model_path(model_name))}"
+            return f"{settings}:{os.path.getmtime(models.model_path(model_name))}"
         except Exception:
-            return f"{model_name}:{dtype}"
+            return settings
 
     @classmethod
-    def execute(cls, model_name: str, dtype: str) -> io.NodeOutput:
+    def execute(cls, model_name: str, dtype: str, weights: str = "auto", block_swap: int = 0,
+                compile: bool = False) -> io.NodeOutput:
         try:
-            return io.NodeOutput(models.load(model_name, dtype))
+            return io.NodeOutput(models.load(model_name, dtype, weights, block_swap, compile))
         except SMFSRError as e:
             raise user_error(e) from None
 
@@ -190,14 +203,12 @@ class SMFSRTiledVAEDecode(io.ComfyNode):
                 io.Vae.Input("vae", optional=True, tooltip="A core VAE (e.g. from your SD3.5 checkpoint loader)."),
                 model_input(optional=True, tooltip="Or an SMFSR model with its own VAE (used when vae is empty)."),
                 vae_tile_input("tile_size"),
-                io.Combo.Input("mode", options=["exact", "fast"], default="exact",
-                               tooltip="exact: identical to untiled. fast: approximate statistics, per-tile attention."),
             ],
             outputs=[io.Image.Output()],
         )
 
     @classmethod
-    def execute(cls, samples, tile_size: int, mode: str, vae=None, smfsr_model=None) -> io.NodeOutput:
+    def execute(cls, samples, tile_size: int, vae=None, smfsr_model=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
         try:
@@ -208,7 +219,7 @@ class SMFSRTiledVAEDecode(io.ComfyNode):
                 module = smfsr_model.vae_module() if smfsr_model is not None else None
                 if module is None:
                     raise ValueError("connect a VAE, or an SMFSR model that contains its own VAE")
-            tiling = UpscaleOptions.from_widgets(vae_tile=tile_size, vae_tile_mode=mode).vae_tiling
+            tiling = UpscaleOptions.from_widgets(vae_tile=tile_size).vae_tiling
             image = decode_latent(module, samples["samples"], tiling)
         except (SMFSRError, ValueError) as e:
             raise user_error(e) from None

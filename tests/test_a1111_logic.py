@@ -53,7 +53,8 @@ def test_one_pass_reaches_the_requested_scale(tiny_bundle_path):
 def test_settings_defaults_and_random_seed():
     # every setting defaults to "the model's" (0 / auto): what the model stores is what runs
     assert logic.DEFAULTS == {"smfsr_steps": 0, "smfsr_seed": -1, "smfsr_tile": 0, "smfsr_tile_overlap": 0,
-                              "smfsr_vae_tile": 0, "smfsr_color_fix": "auto", "smfsr_dtype": "auto"}
+                              "smfsr_vae_tile": 0, "smfsr_color_fix": "auto", "smfsr_dtype": "auto",
+                              "smfsr_weights": "auto", "smfsr_block_swap": 0}
     o = logic.options({}, 4, rng=random.Random(1))
     assert (o.scale, o.steps, o.tile_size, o.tile_overlap, o.color_fix) == (4.0, None, None, None, None)
     assert o.vae_tiling == VAETiling()
@@ -71,3 +72,11 @@ def test_scripts_folder_only_imports_the_extension():
     assert files == ["smfsr.py"]
     code = [l for l in (scripts / "smfsr.py").read_text().splitlines() if l.strip() and not l.startswith("#")]
     assert code == ["import a1111_extension.upscaler  # noqa: F401"]
+
+
+def test_runtime_settings_and_a_low_vram_web_ui_swap_blocks():
+    assert logic.runtime({}, lowvram=False) == {"weights": "auto", "block_swap": 0}
+    assert logic.runtime({}, lowvram=True) == {"weights": "auto", "block_swap": "auto"}  # --lowvram / --medvram
+    assert logic.runtime({"smfsr_weights": "fp8", "smfsr_block_swap": 8}, lowvram=True) == {"weights": "fp8",
+                                                                                         "block_swap": 8}
+    assert logic.runtime({"smfsr_block_swap": -1}, lowvram=False)["block_swap"] == "auto"

@@ -67,8 +67,20 @@ def test_bad_images_are_reported_on_the_page(app, tmp_path):
         client.predict([handle_file(str(bad))], "SMFSR x4 (tiny)", 4, 0, 1, 64, "adain", api_name="/upscale")
 
 
+def test_a_missing_model_is_named_as_missing(tmp_path):
+    from smfsr.app import model_entries
+    from smfsr.errors import SMFSRError
+
+    with pytest.raises(SMFSRError, match="missing.safetensors: no such file or folder"):
+        model_entries(str(tmp_path / "missing.safetensors"), None)
+    (tmp_path / "notes.safetensors").write_text("not a model")
+    with pytest.raises(SMFSRError, match="not an SMFSR bundle or official folder.*smfsr info"):
+        model_entries(str(tmp_path / "notes.safetensors"), None)
+
+
 @pytest.mark.skipif(not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
                     reason=f"needs Debian's chromium and chromium-driver ({CHROMIUM}, {CHROMEDRIVER}): apt-get install chromium chromium-driver")
+@pytest.mark.slow
 def test_in_a_real_browser(app, tmp_path):
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from tests.helpers import DOOR_SEED, cannot_import, door_input, free_port, library_result, photo_like, \
@@ -193,7 +192,7 @@ image = torch.rand(1, 40, 56, 3, generator=torch.Generator().manual_seed(0))
 m = SMFSRModelLoader.execute(Path(model).name, "fp32").result[0]
 lr, _ = SMFSRLREncode.execute(image, m, 0).result
 latent = SMFSRSampler.execute(m, lr, 7, 0, 0, 0).result[0]
-decoded = SMFSRTiledVAEDecode.execute(latent, 0, "exact", smfsr_model=m).result[0]
+decoded = SMFSRTiledVAEDecode.execute(latent, 0, smfsr_model=m).result[0]
 chain = SMFSRColorFix.execute(decoded, image, "auto", 0.0, smfsr_model=m).result[0]
 one = SMFSRUpscale.execute(image, m, 0.0, 7, 0, 0, 0, "auto", 0).result[0]
 from smfsr.options import UpscaleOptions

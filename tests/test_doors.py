@@ -18,9 +18,13 @@ from tests.helpers import DOOR_SEED, REPO, door_input, free_port, library_pixels
 
 def test_the_cli_writes_the_library_pixels(tmp_path, tiny_bundle_path):
     source, out = door_input(tmp_path), tmp_path / "cli.png"
+    import torch
+
+    # the same thread count as this process: a parallel sum's order (and its last bit) depends on it
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(torch.get_num_threads())}
     run = subprocess.run([sys.executable, "-m", "smfsr.cli", "upscale", str(source), "-o", str(out), "--model",
                           str(tiny_bundle_path), "--seed", str(DOOR_SEED), "-q"], capture_output=True, text=True,
-                         cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300)
+                         cwd=REPO, env=env, timeout=300)
     assert run.returncode == 0, run.stderr
     assert np.array_equal(np.asarray(Image.open(out)), library_pixels(tiny_bundle_path, source))
 

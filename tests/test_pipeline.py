@@ -169,6 +169,42 @@ def test_any_image_mode_is_accepted(upscaler, mode):
     if mode in ("I;16", "I"):
         assert any("8-bit" in n for n in decoded.notes)
         assert abs(decoded.rgb.max().item() - np.asarray(rgb.convert("L")).max() / 255) < 1e-3
+    # grayscale in, grayscale out; a kept alpha comes back (this LA image's alpha is opaque: dropped)
+    expected = {"L": "L", "1": "L", "I;16": "L", "I": "L", "LA": "L", "RGBA": "RGBA"}.get(mode, "RGB")
+    assert out.mode == expected, (mode, out.mode)
+
+
+def test_grayscale_with_transparency_stays_grayscale_with_its_alpha(upscaler):
+    gray = image(24, 32).convert("L")
+    alpha = Image.fromarray(np.tile(np.linspace(0, 255, 32, dtype=np.uint8), (24, 1)))
+    source = Image.merge("LA", (gray, alpha))
+    out = upscaler.upscale_image(from_pil(source))
+    assert out.mode == "LA" and out.size == (128, 96)
+
+
+def test_a_16_bit_colour_png_is_read_with_a_notice(tmp_path, upscaler):
+    """PIL decodes 16-bit colour PNGs to 8 bits per channel: the user is told, not left to guess."""
+    import struct
+    import zlib
+
+    from smfsr.imageio import open_image
+
+    h, w = 12, 16
+    pixels = (np.arange(h * w * 3).reshape(h, w, 3) * 300 % 65536).astype(">u2")
+    raw = b"".join(b"\x00" + pixels[i].tobytes() for i in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 16, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+    decoded = from_pil(open_image(path))
+    assert any("16-bit colour PNG" in n and "8 bits per channel" in n for n in decoded.notes)
+    assert decoded.rgb.shape == (3, h, w)
+    plain = tmp_path / "rgb8.png"
+    image(12, 16).save(plain)
+    assert not from_pil(open_image(plain)).notes
 
 
 def test_bad_inputs_give_clear_errors(upscaler):
