@@ -52,7 +52,11 @@ def fixed_batch_loss(config_args: list[str], photos: Path, out: Path, state: dic
 
 
 def exported_transformer_state(path: Path) -> dict:
-    return {k[len("transformer."):]: v for k, v in load_file(str(path)).items() if k.startswith("transformer.")}
+    """The exported transformer's full state dict, through the bundle loader (a bundle leaves out
+    the standard position table, which the loader recomputes)."""
+    from smfsr.checkpoint import load_bundle
+
+    return load_bundle(path).transformer.state_dict()
 
 
 def test_flow_stage_lowers_its_loss_and_exports_a_working_teacher(teacher_run, photos, tmp_path):
