@@ -24,7 +24,7 @@ COMPARISONS = {
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="smallest sizes only")
-    parser.add_argument("--full", action="store_true", help="also the largest sizes (4096^2 VAE decodes: ~30 min on 2 cores)")
+    parser.add_argument("--full", action="store_true", help="also the largest sizes (4096^2 VAE decodes: about 12 min on 2 cores)")
     parser.add_argument("--only", nargs="*", choices=sorted(COMPARISONS), help="run only these")
     parser.add_argument("--no-write", action="store_true", help="print, don't append to bench/RESULTS.md")
     args = parser.parse_args()

@@ -36,6 +36,7 @@ def quality() -> SMFSRUpscaler:
     return SMFSRUpscaler.from_pretrained(QUALITY, device="cpu", dtype="fp32")
 
 
+@pytest.mark.slow
 def test_fidelity_model_on_held_out_photos_against_bicubic(upscaler):
     """Issue 8's targets, as the model card measures them: (a) on clean bicubic inputs PSNR >=
     bicubic + 0.5 dB (measured + 0.71), (b) on the Real-ESRGAN degradation sharper than bicubic,
@@ -71,6 +72,7 @@ def test_same_seed_same_image_other_seeds_same_content(upscaler):
     assert psnr(a, c, 1.0).mean() > 35
 
 
+@pytest.mark.slow
 def test_quality_model_on_held_out_photos_against_bicubic_and_the_fidelity_model(upscaler, quality):
     """Issue 16's targets that need no perceptual network: PSNR no more than 1 dB below bicubic on
     clean inputs, and a sharpness closer to the ground truth's than the fidelity model's, under

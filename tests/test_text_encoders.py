@@ -41,6 +41,7 @@ def written(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return tensors["embeds"], tensors["pooled"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["diffusers folder", "single files + ComfyUI tokenizers", "single-file checkpoint"])
 def test_encode_prompt_gives_the_diffusers_pipelines_tensors(encoders, reference, tmp_path, form):
     out = tmp_path / "prompt.safetensors"
@@ -73,6 +74,7 @@ def test_t5_in_bf16_and_from_an_fp8_file_stays_close(encoders, reference):
         assert (got_t5 - ref_t5).abs().max() / ref_t5.abs().max() < tolerance
 
 
+@pytest.mark.slow
 def test_convert_with_sd35_makes_a_bundle_that_upscales(encoders, tmp_path):
     from smfsr.checkpoint import build_transformer
     from smfsr.models import transformer_config
@@ -111,6 +113,7 @@ def test_the_vae_of_a_single_file_checkpoint_is_converted_by_diffusers_rules(enc
         assert torch.allclose(ours.decoder(ours.encoder(x)[:, :4]), theirs.decoder(theirs.encoder(x)[:, :4]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_wrong_inputs_say_what_is_wrong(encoders, tmp_path):
     out = tmp_path / "p.safetensors"
     (tmp_path / "not-sd35").mkdir()
