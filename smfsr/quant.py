@@ -5,7 +5,7 @@ output channel, upcast layer by layer to the compute dtype when they run.
 
 What stays in higher precision, and why: every layer outside ``transformer_blocks`` (the patch
 embedding, the time / interval / pooled-text embedders, the context embedder, the final norm and
-projection, a detail head): together about 1 % of the SD3.5-sized network's weights, and the ones
+projection, a detail head): together about 1.4 % of the SD3.5-sized network's weights, and the ones
 whose errors reach every token (the time embedding steers every block's modulation; the final
 projection writes the velocity itself); biases and norms are vectors, not worth quantising. The
 sin-cos position table (226 M values in SD3.5-medium) is not a weight: bundles leave it out and

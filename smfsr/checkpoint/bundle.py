@@ -178,7 +178,7 @@ def _is_standard_position_table(tensors: dict[str, torch.Tensor], transformer: t
     """The stored table equals the recomputed one, rounded to its dtype (a fine-tuned or foreign
     table is kept)."""
     stored = tensors.get(POSITION_TABLE)
-    if stored is None:
+    if stored is None or getattr(transformer.pos_embed, "pos_embed_max_size", None) is None:
         return False
     computed = fill_transformer("pos_embed.pos_embed", transformer)
     return stored.shape == computed.shape and torch.equal(stored, computed.to(stored.dtype))
