@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import __version__
+from .atomic import write_atomically
 from .errors import SMFSRError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
@@ -123,15 +124,7 @@ def readable(jobs: list[Job], max_pixels: int, tag: str) -> tuple[list[Job], int
 def write_png(image, target: Path) -> None:
     """Write through a temporary file in the same folder, so a failed write leaves nothing behind
     and never a half-written file in place of one the user had."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        image.save(tmp, format="PNG")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(target, lambda tmp: image.save(tmp, format="PNG"))
 
 
 # --------------------------------------------------------------------------------------------

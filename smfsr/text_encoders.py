@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from .atomic import write_atomically
 from .errors import CheckpointError, SMFSRError
 
 # The official positive prompt suffix (method.md 2.7), the stored prompt of converted bundles.
@@ -244,7 +245,6 @@ def write_prompt_file(path: str | os.PathLike, embeds: torch.Tensor, pooled: tor
     path = Path(path)
     if path.exists() and not overwrite:
         raise SMFSRError(f"{path} already exists; choose another name or pass --overwrite")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({"embeds": embeds.contiguous(), "pooled": pooled.contiguous()}, str(path),
-              metadata={"prompt": text, "encoders": "SD3.5 CLIP-L + CLIP-G + T5-XXL (diffusers encode_prompt)"})
-    return path
+    tensors = {"embeds": embeds.contiguous(), "pooled": pooled.contiguous()}
+    metadata = {"prompt": text, "encoders": "SD3.5 CLIP-L + CLIP-G + T5-XXL (diffusers encode_prompt)"}
+    return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -41,6 +41,18 @@ def test_upscale_one_file_matches_the_library(tmp_path, tiny_bundle_path, sample
     assert np.array_equal(np.asarray(Image.open(out)), np.asarray(expected))
 
 
+def test_results_get_the_permissions_a_plain_file_would(tmp_path, tiny_bundle_path, sample_png):
+    """Written through a temporary file (mkstemp's are owner-only), the result still gets the umask's."""
+    old = os.umask(0o022)
+    try:
+        assert main(["upscale", str(sample_png), "-o", str(tmp_path / "out.png"), "--model", str(tiny_bundle_path),
+                     "-q"]) == 0
+    finally:
+        os.umask(old)
+    assert (tmp_path / "out.png").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_folders_and_globs_keep_names_and_never_overwrite(tmp_path, tiny_bundle_path, capsys):
     src = tmp_path / "in"
     write_images(src / "sub", 2)

@@ -12,13 +12,13 @@ import dataclasses
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ..atomic import write_atomically
 from ..errors import CheckpointError
 from .build import OPTIONAL_TRANSFORMER_KEYS, build_transformer, build_vae, check_state, expected_shapes, \
     fill_transformer, load_into
@@ -158,16 +158,7 @@ def save_bundle(path: str | os.PathLike, bundle: Bundle, *, overwrite: bool = Fa
         tensors["prompt.pooled"] = cast("prompt", bundle.prompt_pooled)
     tensors = {k: v.contiguous() for k, v in tensors.items()}
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; a saved model should be like any other file
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
     return path
 
 
@@ -182,12 +173,6 @@ def _is_standard_position_table(tensors: dict[str, torch.Tensor], transformer: t
         return False
     computed = fill_transformer("pos_embed.pos_embed", transformer)
     return stored.shape == computed.shape and torch.equal(stored, computed.to(stored.dtype))
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def _split(tensors: dict[str, Any], prefix: str) -> dict[str, Any]:

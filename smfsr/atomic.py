@@ -1,0 +1,32 @@
+"""Writing a file so that a failure never leaves a half-written file in place of the user's."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+
+def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) -> Path:
+    """``write(tmp)`` writes a temporary file in the target's folder, which then replaces the target
+    in one rename; on any failure nothing is left behind. The file gets the permissions a plain
+    ``open`` would give it (mkstemp's are owner-only)."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
