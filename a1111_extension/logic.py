@@ -9,6 +9,7 @@ from pathlib import Path
 from smfsr.checkpoint.catalog import ModelEntry, find_models
 from smfsr.checkpoint.default_model import REPO_MODELS
 from smfsr.options import COLOR_FIXES, UpscaleOptions
+from smfsr.runtime import Runtime
 
 SECTION = ("upscaling", "Upscaling")
 MODEL_DIR_NAME = "SMFSR"  # models/SMFSR, like models/ESRGAN
@@ -75,8 +76,8 @@ def options(settings: dict, scale: float, rng: random.Random | None = None) -> U
 def runtime(settings: dict, lowvram: bool) -> dict:
     """How the model loads: the from_pretrained arguments of these settings (a low-VRAM web UI swaps blocks)."""
     s = {**DEFAULTS, **{k: v for k, v in settings.items() if k in DEFAULTS}}
-    swap = int(s["smfsr_block_swap"])
-    return {"weights": str(s["smfsr_weights"]), "block_swap": "auto" if swap < 0 or (swap == 0 and lowvram) else swap}
+    r = Runtime.from_widgets(weights=s["smfsr_weights"], block_swap=s["smfsr_block_swap"], low_memory=lowvram)
+    return {"weights": r.weights, "block_swap": r.block_swap}
 
 
 def settings_key(settings: dict) -> tuple:

@@ -104,10 +104,8 @@ def load(name: str, dtype: str, weights: str = "auto", block_swap: int = 0, comp
     moves it: other models are freed before it runs, and it is unloaded when later nodes need room.
     Under --lowvram / --novram, block swap is on by itself."""
     device = mm.get_torch_device()
-    if block_swap == 0 and mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM):
-        block_swap = -1
-    runtime = Runtime(device, dtype, "fp8" if weights.startswith("fp8") else "auto",
-                      "auto" if block_swap < 0 else block_swap, compile)
+    runtime = Runtime.from_widgets(device, dtype, weights=weights, block_swap=block_swap, compile=compile,
+                                   low_memory=mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM))
     bundle = prepare(load_model(model_path(name)), runtime, place=False)
     bundle = to_device(bundle, mm.unet_offload_device(), None)
     patchers = [comfy.model_patcher.ModelPatcher(Managed(bundle.transformer), load_device=device,

@@ -34,6 +34,16 @@ class Runtime:
     block_swap: int | str = 0  # 0: none; N; "auto"
     compile: bool = False
 
+    @classmethod
+    def from_widgets(cls, device=None, dtype=None, *, weights: str = "auto", block_swap: int = 0,
+                     compile: bool = False, low_memory: bool = False) -> "Runtime":
+        """As GUI hosts hold the settings: weights "fp8..." (e.g. ComfyUI's "fp8_e4m3fn") = fp8;
+        block_swap -1 = "auto", 0 = none, unless the host runs in a low-memory mode (ComfyUI's
+        --lowvram / --novram, A1111's --lowvram / --medvram), where 0 means "auto" too."""
+        swap = int(block_swap)
+        return cls(device, dtype, "fp8" if str(weights).startswith("fp8") else str(weights),
+                   "auto" if swap < 0 or (swap == 0 and low_memory) else swap, compile)
+
     def check(self) -> "Runtime":
         if self.weights not in WEIGHTS:
             raise SMFSRError(f"weights must be one of {', '.join(WEIGHTS)}, not {self.weights!r}")

@@ -228,24 +228,22 @@ def ldm_vae(vae) -> torch.nn.Module:
         b.block_1, b.attn_1, b.block_2 = resnet(m.resnets[0]), attention(m.attentions[0]), resnet(m.resnets[1])
         return b
 
+    def level(block, resample: str):
+        out = LDM()
+        out.block = torch.nn.ModuleList(resnet(r) for r in block.resnets)
+        samplers = block.downsamplers if resample == "downsample" else block.upsamplers
+        if samplers:
+            setattr(out, resample, LDM())
+            getattr(out, resample).conv = samplers[0].conv
+        return out
+
     enc, dec = LDM(), LDM()
-    enc.conv_in, enc.down, enc.mid = vae.encoder.conv_in, torch.nn.ModuleList(), mid(vae.encoder.mid_block)
-    for down in vae.encoder.down_blocks:
-        level = LDM()
-        level.block = torch.nn.ModuleList(resnet(r) for r in down.resnets)
-        if down.downsamplers:
-            level.downsample = LDM()
-            level.downsample.conv = down.downsamplers[0].conv
-        enc.down.append(level)
+    enc.conv_in, enc.mid = vae.encoder.conv_in, mid(vae.encoder.mid_block)
+    enc.down = torch.nn.ModuleList(level(b, "downsample") for b in vae.encoder.down_blocks)
     enc.norm_out, enc.conv_out = vae.encoder.conv_norm_out, vae.encoder.conv_out
-    dec.conv_in, dec.mid, dec.up = vae.decoder.conv_in, mid(vae.decoder.mid_block), torch.nn.ModuleList()
-    for up in reversed(vae.decoder.up_blocks):  # ldm indexes levels from the highest resolution
-        level = LDM()
-        level.block = torch.nn.ModuleList(resnet(r) for r in up.resnets)
-        if up.upsamplers:
-            level.upsample = LDM()
-            level.upsample.conv = up.upsamplers[0].conv
-        dec.up.append(level)
+    dec.conv_in, dec.mid = vae.decoder.conv_in, mid(vae.decoder.mid_block)
+    # ldm indexes the decoder's levels from the highest resolution
+    dec.up = torch.nn.ModuleList(level(b, "upsample") for b in reversed(vae.decoder.up_blocks))
     dec.norm_out, dec.conv_out = vae.decoder.conv_norm_out, vae.decoder.conv_out
     model = LDM()
     model.encoder, model.decoder = enc, dec

@@ -180,3 +180,16 @@ def test_compile_is_opt_in_gives_the_same_image_and_reports_the_first_call(caplo
     reference = eager(IMAGE, UpscaleOptions(seed=4))
     assert torch.allclose(first, reference, atol=1e-4) and torch.equal(first, second)
     assert sum("first call took" in r.message for r in caplog.records) == 1
+
+
+def test_gui_settings_map_to_one_runtime():
+    """ComfyUI's loader and A1111's settings hold the same widgets: one mapping in the core."""
+    from smfsr.runtime import Runtime
+
+    assert Runtime.from_widgets().block_swap == 0
+    assert Runtime.from_widgets(block_swap=-1).block_swap == "auto"
+    assert Runtime.from_widgets(low_memory=True).block_swap == "auto"  # --lowvram and the like
+    assert Runtime.from_widgets(block_swap=8, low_memory=True).block_swap == 8  # an explicit count wins
+    assert Runtime.from_widgets(weights="fp8_e4m3fn").weights == "fp8"
+    with pytest.raises(SMFSRError, match="weights must be one of"):
+        Runtime.from_widgets(weights="int4").check()
