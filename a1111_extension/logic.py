@@ -9,7 +9,7 @@ from pathlib import Path
 from smfsr.checkpoint.catalog import ModelEntry, find_models
 from smfsr.checkpoint.default_model import REPO_MODELS
 from smfsr.options import COLOR_FIXES, UpscaleOptions
-from smfsr.runtime import Runtime
+from smfsr.runtime import WEIGHTS, Runtime
 
 SECTION = ("upscaling", "Upscaling")
 MODEL_DIR_NAME = "SMFSR"  # models/SMFSR, like models/ESRGAN
@@ -38,8 +38,8 @@ SETTINGS = [
     Setting("smfsr_color_fix", "auto", "SMFSR colour fix (auto = the model's default)", "radio",
             {"choices": ["auto", *COLOR_FIXES]}),
     Setting("smfsr_dtype", "auto", "SMFSR precision", "radio", {"choices": ["auto", "bf16", "fp16", "fp32"]}),
-    Setting("smfsr_weights", "auto", "SMFSR weights (fp8: the transformer blocks in fp8, half of bf16's memory)", "radio",
-            {"choices": ["auto", "fp8"]}),
+    Setting("smfsr_weights", "auto", "SMFSR weights (fp8_e4m3fn: the transformer blocks in fp8, half of bf16's "
+            "memory)", "radio", {"choices": list(WEIGHTS)}),
     Setting("smfsr_block_swap", 0, "SMFSR block swap (transformer blocks streamed from system memory; -1 = from free "
             "VRAM; --lowvram/--medvram turn it on)", "slider", {"minimum": -1, "maximum": 64, "step": 1}),
 ]
@@ -73,11 +73,23 @@ def options(settings: dict, scale: float, rng: random.Random | None = None) -> U
                                        vae_tile=s["smfsr_vae_tile"])
 
 
-def runtime(settings: dict, lowvram: bool) -> dict:
-    """How the model loads: the from_pretrained arguments of these settings (a low-VRAM web UI swaps blocks)."""
+def runtime(settings: dict, device, no_half: bool, lowvram: bool) -> Runtime:
+    """How the model loads under these settings (--no-half: fp32; a low-VRAM web UI swaps blocks)."""
     s = {**DEFAULTS, **{k: v for k, v in settings.items() if k in DEFAULTS}}
-    r = Runtime.from_widgets(weights=s["smfsr_weights"], block_swap=s["smfsr_block_swap"], low_memory=lowvram)
-    return {"weights": r.weights, "block_swap": r.block_swap}
+    return Runtime.from_widgets(device, "fp32" if no_half else s["smfsr_dtype"], weights=s["smfsr_weights"],
+                                block_swap=s["smfsr_block_swap"], low_memory=lowvram)
+
+
+# how an option the core names is called in the web UI, for messages (smfsr.errors.door_message)
+SETTING_NAMES = {
+    "steps": "Settings > Upscaling > 'SMFSR steps'", "seed": "Settings > Upscaling > 'SMFSR seed'",
+    "latent_tile": "Settings > Upscaling > 'SMFSR latent tile size'",
+    "latent_tile_overlap": "Settings > Upscaling > 'SMFSR latent tile overlap'",
+    "vae_tile": "Settings > Upscaling > 'SMFSR VAE tile'", "color_fix": "Settings > Upscaling > 'SMFSR colour fix'",
+    "dtype": "Settings > Upscaling > 'SMFSR precision'", "weights": "Settings > Upscaling > 'SMFSR weights'",
+    "block_swap": "Settings > Upscaling > 'SMFSR block swap'", "scale": "the upscale factor (Resize)",
+    "device": "the web UI's device (--use-cpu)", "model": "the upscaler",
+}
 
 
 def settings_key(settings: dict) -> tuple:

@@ -13,7 +13,7 @@ from PIL import Image
 from modules import script_callbacks, shared
 from modules.upscaler import Upscaler, UpscalerData
 
-from smfsr.errors import SMFSRError
+from smfsr.errors import SMFSRError, door_message
 from smfsr.imageio import from_pil
 from smfsr.pipeline import SMFSRUpscaler
 
@@ -36,28 +36,32 @@ class UpscalerSMFSR(Upscaler):  # the name gives --smfsr-models-path (cmd_opts.s
                         for entry in logic.discover(shared.models_path, dirname)]
 
     def load_model(self, path: str) -> SMFSRUpscaler:
-        s = settings()
-        dtype = "fp32" if shared.cmd_opts.no_half else s["smfsr_dtype"]
         lowvram = bool(getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False))
-        runtime = logic.runtime(s, lowvram)
-        key = (path, dtype, str(self.device), tuple(runtime.items()))
+        runtime = logic.runtime(settings(), self.device, bool(shared.cmd_opts.no_half), lowvram)
+        key = (path, runtime)
         if self.cached is None or self.cached[0] != key:
             self.cached = None
             free_host_memory()
-            self.cached = (key, SMFSRUpscaler.from_pretrained(path, device=self.device, dtype=dtype, **runtime))
+            self.cached = (key, SMFSRUpscaler.from_pretrained(path, runtime=runtime))
         return self.cached[1]
 
     def do_upscale(self, img: Image.Image, selected_model: str) -> Image.Image:
         s = settings()
         try:
             upscaler = self.load_model(selected_model)
-            return upscaler.upscale_image(from_pil(img), logic.options(s, self.scale), progress=report_progress)
+            options = logic.options(s, self.scale)
+            line = upscaler.announcement(img.height, img.width, options)
+            if line:  # a long job: said on the console and in the progress text before it starts
+                log.warning("SMFSR: %s", line)
+                shared.state.textinfo = f"SMFSR: {line}"
+            return upscaler.upscale_image(from_pil(img), options, progress=report_progress)
         except Interrupted:
             return img  # A1111 sees state.interrupted and stops; the input comes back unchanged
         except SMFSRError as e:
-            # A1111 would show nothing useful (Extras falls back to a plain resize): say why
-            shared.state.textinfo = f"SMFSR: {e}"
-            raise
+            # A1111 would show nothing useful (Extras falls back to a plain resize): say why, in its terms
+            message = door_message(e, logic.SETTING_NAMES)
+            shared.state.textinfo = f"SMFSR: {message}"
+            raise SMFSRError(message) from None
 
 
 def settings() -> dict:

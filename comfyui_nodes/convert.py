@@ -31,9 +31,27 @@ def lr_latent(mean: torch.Tensor, logvar: torch.Tensor | None) -> dict:
     return latent
 
 
-def moments_of(latent: dict) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(mean, logvar) from an SMFSR LR latent; a plain VAE-Encode LATENT gives (samples, None)."""
-    return latent["samples"], latent.get(LOGVAR_KEY)
+def moments_of(latent: dict, defaults=None, config=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(mean, logvar) from an SMFSR LR latent, checked against the model when it is given: the
+    channels it expects, whole patches, and the posterior variance a model that samples the LR
+    posterior needs (core nodes that rebuild a LATENT dict drop it)."""
+    from smfsr.errors import SMFSRError
+
+    if not isinstance(latent, dict) or "samples" not in latent:
+        raise SMFSRError("lr_latent is not a LATENT; connect SMFSR LR Encode's lr_latent output")
+    samples, logvar = latent["samples"], latent.get(LOGVAR_KEY)
+    if config is not None:
+        if samples.ndim != 4 or samples.shape[1] != config.in_channels:
+            raise SMFSRError(f"lr_latent has shape {tuple(samples.shape)} but the SMFSR model expects "
+                             f"{config.in_channels} latent channels; connect SMFSR LR Encode with this model")
+        if samples.shape[-1] % config.patch_size or samples.shape[-2] % config.patch_size:
+            raise SMFSRError(f"lr_latent is {samples.shape[-1]}x{samples.shape[-2]} latent cells, not a multiple of "
+                             f"the model's patch size {config.patch_size}; make it with SMFSR LR Encode")
+    if logvar is None and defaults is not None and defaults.lr_latent == "sample":
+        raise SMFSRError("lr_latent has lost SMFSR's posterior variance (a node between SMFSR LR Encode and "
+                         "SMFSR Sampler rebuilt the LATENT); connect SMFSR LR Encode's lr_latent directly to "
+                         "SMFSR Sampler")
+    return samples, logvar
 
 
 def text_from_conditioning(conditioning) -> tuple[torch.Tensor, torch.Tensor]:

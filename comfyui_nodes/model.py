@@ -13,10 +13,10 @@ import comfy.model_patcher
 import folder_paths
 import torch
 
-from smfsr.checkpoint import Bundle, load_model, to_device
-from smfsr.checkpoint.default_model import REPO_MODELS
+from smfsr.checkpoint import Bundle
+from smfsr.checkpoint.default_model import DEFAULT, REPO_MODELS, SHIPPED, shipped
 from smfsr.pipeline import SMFSRUpscaler
-from smfsr.runtime import Runtime, prepare
+from smfsr.runtime import Runtime
 
 FOLDER = "smfsr"
 EXTENSIONS = {".safetensors", ".sft"}
@@ -46,7 +46,16 @@ def model_names() -> list[str]:
     return names
 
 
+def default_name() -> str | None:
+    """The shipped default model, selected first in a new loader node."""
+    names = model_names()
+    return f"{DEFAULT}.safetensors" if f"{DEFAULT}.safetensors" in names else (names[0] if names else None)
+
+
 def model_path(name: str) -> Path:
+    """A name from the loader's list; a shipped model's bare name (``smfsr-small-x4``) works too."""
+    if name in SHIPPED and name not in model_names():
+        return shipped(name)
     if name.endswith("/"):
         for root in folder_paths.get_folder_paths(FOLDER):
             if os.path.isdir(os.path.join(root, name)):
@@ -100,14 +109,13 @@ class Managed(torch.nn.Module):
 
 
 def load(name: str, dtype: str, weights: str = "auto", block_swap: int = 0, compile: bool = False) -> SMFSRModel:
-    """Load through the core's runtime (fp8, block swap, compile); ComfyUI's memory manager then
-    moves it: other models are freed before it runs, and it is unloaded when later nodes need room.
-    Under --lowvram / --novram, block swap is on by itself."""
+    """The core's loader with the widgets as a Runtime, the weights left on the CPU: ComfyUI's memory
+    manager then moves them (other models are freed before it runs, and it is unloaded when later
+    nodes need room). Under --lowvram / --novram, block swap is on by itself."""
     device = mm.get_torch_device()
     runtime = Runtime.from_widgets(device, dtype, weights=weights, block_swap=block_swap, compile=compile,
                                    low_memory=mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM))
-    bundle = prepare(load_model(model_path(name)), runtime, place=False)
-    bundle = to_device(bundle, mm.unet_offload_device(), None)
+    bundle = SMFSRUpscaler.from_pretrained(model_path(name), runtime=runtime, place=False).bundle
     patchers = [comfy.model_patcher.ModelPatcher(Managed(bundle.transformer), load_device=device,
                                                  offload_device=mm.unet_offload_device())]
     if bundle.vae is not None and any(True for _ in bundle.vae.parameters()):  # not the lossless codec

@@ -8,22 +8,32 @@ Every setting left at 0 / "auto" takes the model's stored default, as in every o
 
 from __future__ import annotations
 
+import logging
 import os
 
 import comfy.utils
 from comfy_api.latest import io
 
 from smfsr.checkpoint import PipelineDefaults
-from smfsr.errors import SMFSRError
+from smfsr.errors import SMFSRError, door_message
 from smfsr.options import COLOR_FIXES, UpscaleOptions
+from smfsr.runtime import WEIGHTS
 from smfsr.pipeline import LRLatent, decode_latent, finish
 
 from . import model as models
 from .convert import image_from_core, image_to_core, lr_latent, moments_of, text_from_conditioning
 
+log = logging.getLogger("smfsr")
 CATEGORY = "SMFSR"
+# how an option the core names is called on these nodes, for messages (smfsr.errors.door_message)
+WIDGETS = {"steps": "the steps widget", "latent_tile": "the latent_tile widget",
+           "latent_tile_overlap": "the latent_tile_overlap widget", "vae_tile": "the vae_tile widget",
+           "weights": "the loader's weights widget", "dtype": "the loader's dtype widget",
+           "block_swap": "the loader's block_swap widget", "scale": "the scale widget",
+           "color_fix": "the color_fix widget", "model": "the loader's model_name"}
 SMFSRModelType = io.Custom("SMFSR_MODEL")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
+MAX_STEPS = 50  # a flow teacher takes many Euler steps; a one-step model refuses more than 1, saying why
 AUTO = "auto"
 
 
@@ -58,11 +68,15 @@ def seed_input() -> io.Input:
 
 def sampling_inputs() -> list[io.Input]:
     return [
-        io.Int.Input("steps", default=0, min=0, max=50, tooltip="Mean-flow steps; 0 = the model's (one step)."),
-        io.Int.Input("tile_size", default=0, min=0, max=512, step=2,
-                     tooltip="Latent tile for the network (latent px); 0 = the model's default."),
-        io.Int.Input("tile_overlap", default=0, min=0, max=256, step=2,
-                     tooltip="Overlap between latent tiles (Gaussian-blended); 0 = the model's, in proportion to the tile."),
+        io.Int.Input("steps", default=0, min=0, max=MAX_STEPS,
+                     tooltip="Mean-flow steps; 0 = the model's default. One-step models (the shipped small models, "
+                             "the official SMFSR weights) take exactly 1: more is refused with the reason."),
+        io.Int.Input("latent_tile", default=0, min=0, max=512, step=2,
+                     tooltip="The network's tile, in latent cells (1 cell = 8 px for SD3.5's VAE, 4 px for the "
+                             "small models); a multiple of the model's patch size. 0 = the model's default."),
+        io.Int.Input("latent_tile_overlap", default=0, min=0, max=256, step=2,
+                     tooltip="Overlap between network tiles, in latent cells (Gaussian-blended); 0 = the model's, "
+                             "in proportion to the tile."),
     ]
 
 
@@ -71,14 +85,23 @@ def color_fix_input() -> io.Input:
                           tooltip="Colour toward the input: adain (mean/std), wavelet (low band) or none; auto = the model's.")
 
 
-def vae_tile_input(name: str = "vae_tile") -> io.Input:
-    return io.Int.Input(name, default=0, min=0, max=1024, step=8,
-                        tooltip="VAE tile (latent px; encoding takes the same area in image px). "
+def vae_tile_input() -> io.Input:
+    return io.Int.Input("vae_tile", default=0, min=0, max=1024, step=8,
+                        tooltip="The VAE's tile, in latent cells (decoding: that many latent cells; encoding: the "
+                                "same area in image px); tiled equals untiled, memory follows the tile. "
                                 "0 = automatic: images over 1 MP are tiled, with a size from free memory.")
 
 
 def user_error(e: Exception) -> Exception:
-    return RuntimeError(str(e)) if isinstance(e, SMFSRError) else e
+    """What ComfyUI shows: the message, in this host's terms (widget names, not CLI flags)."""
+    return RuntimeError(door_message(e, WIDGETS)) if isinstance(e, SMFSRError) else e
+
+
+def announce(upscaler, image, options) -> None:
+    """A long job's size, tiles and estimated time, on the console before it starts."""
+    line = upscaler.announcement(int(image.shape[1]), int(image.shape[2]), options)
+    if line:
+        log.warning("SMFSR Upscale: %s x %d image(s)", line, int(image.shape[0]))
 
 
 class SMFSRModelLoader(io.ComfyNode):
@@ -90,11 +113,12 @@ class SMFSRModelLoader(io.ComfyNode):
             category=CATEGORY,
             description="Loads an SMFSR bundle (.safetensors) or an official SMFSR folder from models/smfsr.",
             inputs=[
-                io.Combo.Input("model_name", options=models.model_names(),
-                               tooltip="A bundle from models/smfsr (make one with `smfsr convert`), or an official folder."),
+                io.Combo.Input("model_name", options=models.model_names(), default=models.default_name(),
+                               tooltip="A bundle from models/smfsr (make one with `smfsr convert`) or an official "
+                                       "folder; the shipped small models are listed too (default: smfsr-small-x4)."),
                 io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
                                tooltip="Compute precision: auto = bf16/fp16 on GPU, fp32 on CPU."),
-                io.Combo.Input("weights", options=["auto", "fp8_e4m3fn"], default="auto",
+                io.Combo.Input("weights", options=list(WEIGHTS), default="auto",
                                tooltip="fp8_e4m3fn: the transformer blocks in fp8 (half of bf16's memory; an fp8 "
                                        "bundle is always fp8). auto: as stored."),
                 io.Int.Input("block_swap", default=0, min=-1, max=64,
@@ -165,7 +189,8 @@ class SMFSRSampler(io.ComfyNode):
                         "Input and output LATENTs are raw VAE space.",
             inputs=[
                 model_input(),
-                io.Latent.Input("lr_latent", tooltip="From SMFSR LR Encode (or a VAE Encode of the upsampled LR image)."),
+                io.Latent.Input("lr_latent", tooltip="From SMFSR LR Encode, connected directly: it carries the LR "
+                                                     "posterior's variance, which core LATENT nodes drop."),
                 seed_input(),
                 *sampling_inputs(),
                 io.Conditioning.Input("conditioning", optional=True,
@@ -175,12 +200,13 @@ class SMFSRSampler(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, smfsr_model, lr_latent, seed: int, steps: int, tile_size: int, tile_overlap: int,
+    def execute(cls, smfsr_model, lr_latent, seed: int, steps: int, latent_tile: int, latent_tile_overlap: int,
                 conditioning=None) -> io.NodeOutput:
         try:
             embeds, pooled = text_from_conditioning(conditioning) if conditioning is not None else (None, None)
-            mean, logvar = moments_of(lr_latent)
-            options = UpscaleOptions.from_widgets(seed=seed, steps=steps, tile_size=tile_size, tile_overlap=tile_overlap)
+            mean, logvar = moments_of(lr_latent, smfsr_model.defaults, smfsr_model.bundle.transformer.config)
+            options = UpscaleOptions.from_widgets(seed=seed, steps=steps, tile_size=latent_tile,
+                                                  tile_overlap=latent_tile_overlap)
             latent = smfsr_model.sampler().sample(LRLatent(mean, logvar), options, prompt_embeds=embeds,
                                                   prompt_pooled=pooled, progress=progress_bar())
         except (SMFSRError, ValueError) as e:
@@ -202,13 +228,13 @@ class SMFSRTiledVAEDecode(io.ComfyNode):
                 io.Latent.Input("samples", tooltip="A LATENT (raw VAE space), e.g. from SMFSR Sampler."),
                 io.Vae.Input("vae", optional=True, tooltip="A core VAE (e.g. from your SD3.5 checkpoint loader)."),
                 model_input(optional=True, tooltip="Or an SMFSR model with its own VAE (used when vae is empty)."),
-                vae_tile_input("tile_size"),
+                vae_tile_input(),
             ],
             outputs=[io.Image.Output()],
         )
 
     @classmethod
-    def execute(cls, samples, tile_size: int, vae=None, smfsr_model=None) -> io.NodeOutput:
+    def execute(cls, samples, vae_tile: int, vae=None, smfsr_model=None) -> io.NodeOutput:
         import comfy.model_management as mm
 
         try:
@@ -219,7 +245,7 @@ class SMFSRTiledVAEDecode(io.ComfyNode):
                 module = smfsr_model.vae_module() if smfsr_model is not None else None
                 if module is None:
                     raise ValueError("connect a VAE, or an SMFSR model that contains its own VAE")
-            tiling = UpscaleOptions.from_widgets(vae_tile=tile_size).vae_tiling
+            tiling = UpscaleOptions.from_widgets(vae_tile=vae_tile).vae_tiling
             image = decode_latent(module, samples["samples"], tiling)
         except (SMFSRError, ValueError) as e:
             raise user_error(e) from None
@@ -279,12 +305,15 @@ class SMFSRUpscale(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, image, smfsr_model, scale: float, seed: int, steps: int, tile_size: int, tile_overlap: int,
-                color_fix: str, vae_tile: int, vae=None) -> io.NodeOutput:
+    def execute(cls, image, smfsr_model, scale: float, seed: int, steps: int, latent_tile: int,
+                latent_tile_overlap: int, color_fix: str, vae_tile: int, vae=None) -> io.NodeOutput:
         try:
-            options = UpscaleOptions.from_widgets(scale=scale, seed=seed, steps=steps, tile_size=tile_size,
-                                                  tile_overlap=tile_overlap, color_fix=color_fix, vae_tile=vae_tile)
-            out = smfsr_model.upscaler_for(vae).upscale_tensor(image_to_core(image), options, progress=progress_bar())
+            options = UpscaleOptions.from_widgets(scale=scale, seed=seed, steps=steps, tile_size=latent_tile,
+                                                  tile_overlap=latent_tile_overlap, color_fix=color_fix,
+                                                  vae_tile=vae_tile)
+            upscaler = smfsr_model.upscaler_for(vae)
+            announce(upscaler, image, options)
+            out = upscaler.upscale_tensor(image_to_core(image), options, progress=progress_bar())
         except (SMFSRError, ValueError) as e:
             raise user_error(e) from None
         return io.NodeOutput(image_from_core(out))

@@ -3,10 +3,16 @@
 Drop one image or several, choose the model, scale, seed (the dice draws one), steps, tile and
 colour fix; see before and after with a comparison slider at the same zoom; download PNGs. The
 work runs in gradio's queue, one job at a time, with a per-tile progress bar and a Cancel button.
+The sliders offer what the chosen model takes (steps up to its limit, tiles in its patch size);
+every error is one readable line on the page, never a traceback or a temporary path.
+
+API (``gradio_client``): one endpoint, ``/upscale``, with the inputs in the page's order (files,
+model name, scale, seed, steps, latent tile, colour fix) -> (before/after pair, PNG paths, status).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import random
 import tempfile
@@ -15,18 +21,22 @@ from pathlib import Path
 
 from .checkpoint.catalog import ModelEntry, find_models
 from .checkpoint.default_model import REPO_MODELS
-from .errors import SMFSRError
+from .errors import SMFSRError, door_message
 
 LOOPBACK = "127.0.0.1"
+MAX_STEPS_OFFERED = 8  # the steps slider's end for models that take any number
+log = logging.getLogger("smfsr")
+# how an option the core names is called on the page, for messages (errors.door_message)
+PAGE_NAMES = {"steps": "the Steps slider", "latent_tile": "the Latent tile slider", "scale": "the Scale slider",
+              "seed": "the Seed", "color_fix": "the Colour fix", "model": "the Model menu"}
 
 
 class Models:
     """The model menu and the loaded upscalers (one at a time is kept: they can be large)."""
 
-    def __init__(self, entries: list[ModelEntry], device: str | None, dtype: str | None, weights: str = "auto",
-                 block_swap: int | str = 0):
+    def __init__(self, entries: list[ModelEntry], runtime):
         self.entries = {e.name: e for e in entries}
-        self.device, self.dtype, self.weights, self.block_swap = device, dtype, weights, block_swap
+        self.runtime = runtime
         self.loaded: tuple[str, object] | None = None
         self.lock = threading.Lock()
 
@@ -41,9 +51,7 @@ class Models:
         with self.lock:
             if self.loaded is None or self.loaded[0] != name:
                 self.loaded = None
-                self.loaded = (name, SMFSRUpscaler.from_pretrained(self.entries[name].path, device=self.device,
-                                                                   dtype=self.dtype, weights=self.weights,
-                                                                   block_swap=self.block_swap))
+                self.loaded = (name, SMFSRUpscaler.from_pretrained(self.entries[name].path, runtime=self.runtime))
             return self.loaded[1]
 
 
@@ -78,21 +86,24 @@ def upscale_files(models: Models, files: list, model_name: str, scale: float, se
     try:
         upscaler = models.get(model_name)
     except SMFSRError as e:
-        raise gr.Error(f"The model could not be loaded: {e}") from None
-    out_dir = Path(tempfile.mkdtemp(prefix="smfsr-app-"))
+        raise gr.Error(f"The model could not be loaded: {one_line(e)}") from None
     try:
         settings = upscaler.settings(UpscaleOptions.from_widgets(scale=scale, seed=seed, steps=steps, tile_size=tile,
                                                                  color_fix=color_fix))
     except SMFSRError as e:
-        raise gr.Error(str(e)) from None
+        raise gr.Error(one_line(e)) from None
+    out_dir = Path(tempfile.mkdtemp(prefix="smfsr-app-"))
     results, notes, slider = [], [], None
     for index, file in enumerate(files):
         path = Path(file if isinstance(file, str) else file.name)
         try:
             image = from_pil(open_image(path))
         except SMFSRError as e:
-            notes.append(f"**{path.name}**: {e}")
+            notes.append(f"**{path.name}**: {one_line(e, path)}")
             continue
+        plan = upscaler.announcement(*image.rgb.shape[-2:], settings)
+        if plan:
+            progress(index / len(files), desc=f"{path.name}: {plan}")
 
         def tick(done: int, total: int, i=index) -> None:
             progress((i + done / total) / len(files), desc=f"{path.name}: tile {done}/{total}")
@@ -100,7 +111,7 @@ def upscale_files(models: Models, files: list, model_name: str, scale: float, se
         try:
             result = upscaler.upscale_image(image, settings, progress=tick)
         except SMFSRError as e:
-            notes.append(f"**{path.name}**: {e}")
+            notes.append(f"**{path.name}**: {one_line(e, path)}")
             continue
         target = out_dir / f"{path.stem}_smfsr_x{settings.scale:g}.png"
         result.save(target)
@@ -110,9 +121,44 @@ def upscale_files(models: Models, files: list, model_name: str, scale: float, se
             before = to_pil(resize(image.rgb[None], result.height, result.width)[0])
             slider = (before, result.convert("RGB"))
     if not results:
-        raise gr.Error("No image could be upscaled. " + " ".join(notes))
+        raise gr.Error("No image could be upscaled. " + " ".join(n.replace("**", "") for n in notes))
     note = f"Upscaled {len(results)} of {len(files)} image(s) with seed {settings.seed}, {settings.steps} step(s)."
     return slider, results, "\n\n".join([note] + notes)
+
+
+def one_line(error: Exception, path: Path | None = None) -> str:
+    """An error as one line for the page: its first line, in the page's terms (its sliders, not the
+    command line's flags), an uploaded file named by its name (not gradio's temporary path)."""
+    text = door_message(error, PAGE_NAMES).strip()
+    text = text.splitlines()[0] if text else type(error).__name__
+    return text.replace(str(path), path.name) if path is not None else text
+
+
+def run_safely(models: Models, *inputs, progress) -> tuple:
+    """The Run button: every failure becomes one readable line on the page (gr.Error); anything
+    unexpected is logged with its traceback on the console and named in one line."""
+    import gradio as gr
+
+    try:
+        return upscale_files(models, *inputs, progress)
+    except gr.Error:
+        raise
+    except SMFSRError as e:
+        raise gr.Error(one_line(e)) from None
+    except Exception as e:
+        log.exception("the app's upscale failed")
+        raise gr.Error(f"Unexpected {type(e).__name__}: {one_line(e)} (the console that runs the app has "
+                       "the details)") from None
+
+
+def slider_limits(entry: ModelEntry) -> tuple[dict, dict]:
+    """(steps, tile) slider settings for a model: steps up to what it takes, tiles in its patch size."""
+    top = entry.max_steps or MAX_STEPS_OFFERED
+    steps = dict(minimum=0, maximum=top, step=1,
+                 label="Steps (0 = the model's default)" + (" - this model takes one step only" if top == 1 else ""))
+    tile = dict(minimum=0, maximum=256 // entry.patch * entry.patch, step=entry.patch,
+                label=f"Latent tile (latent px, multiples of {entry.patch}; 0 = the model's default)")
+    return steps, tile
 
 
 def build(models: Models):
@@ -129,8 +175,9 @@ def build(models: Models):
                 with gr.Row():
                     seed = gr.Number(0, precision=0, label="Seed", minimum=0)
                     dice = gr.Button("Random seed", scale=0, min_width=90, elem_id="smfsr-dice")
-                steps = gr.Slider(0, 8, value=0, step=1, label="Steps (0 = the model's default, one step)")
-                tile = gr.Slider(0, 256, value=0, step=4, label="Latent tile (0 = the model's default)")
+                steps_limits, tile_limits = slider_limits(first)
+                steps = gr.Slider(value=0, **steps_limits)
+                tile = gr.Slider(value=0, **tile_limits)
                 color = gr.Radio(["auto", "adain", "wavelet", "none"], value="auto",
                                  label="Colour fix (auto = the model's default)")
                 with gr.Row():
@@ -142,7 +189,14 @@ def build(models: Models):
                 status = gr.Markdown(elem_id="smfsr-status")
 
         def go(files, model, scale, seed, steps, tile, color, progress=gr.Progress()):
-            return upscale_files(models, files, model, scale, seed, steps, tile, color, progress)
+            return run_safely(models, files, model, scale, seed, steps, tile, color, progress=progress)
+
+        def limits(name):  # the sliders follow the chosen model
+            entry = models.entries.get(name, first)
+            steps_limits, tile_limits = slider_limits(entry)
+            return gr.update(value=0, **steps_limits), gr.update(value=0, **tile_limits), gr.update(value=entry.factor)
+
+        model.change(limits, model, [steps, tile, scale], api_name=False)
 
         job = run.click(go, [files, model, scale, seed, steps, tile, color], [compare, downloads, status],
                         api_name="upscale", concurrency_limit=1)
@@ -153,12 +207,11 @@ def build(models: Models):
 
 def serve(model: str | None, models_dir: str | None, host: str, port: int | None, device: str | None,
           dtype: str | None, block: bool = True, weights: str = "auto", block_swap: int | str = 0):
-    from .devices import parse_device, parse_dtype
     from .runtime import Runtime
 
-    parse_dtype(dtype, parse_device(device))  # an unusable device or dtype is said before the page starts
-    Runtime(device, dtype, weights, block_swap).check()
-    models = Models(model_entries(model, models_dir), device, dtype, weights, block_swap)
+    entries = model_entries(model, models_dir)  # names and files first: no torch needed
+    runtime = Runtime(device, dtype, weights, block_swap).resolved()  # then the device, before the page starts
+    models = Models(entries, runtime)
     if host != LOOPBACK:
         print(f"warning: serving on {host}: anyone who can reach this machine can use the app (there is no login)")
     demo = build(models)

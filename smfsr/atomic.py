@@ -8,6 +8,16 @@ from pathlib import Path
 from typing import Callable
 
 
+def refuse_existing(target: str | os.PathLike, overwrite: bool) -> Path:
+    """``target`` as a Path; an existing file is never replaced unless asked (said before any work)."""
+    from .errors import SMFSRError
+
+    target = Path(target)
+    if target.exists() and not overwrite:
+        raise SMFSRError(f"{target} already exists; choose another name or pass --overwrite")
+    return target
+
+
 def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """``write(tmp)`` writes a temporary file in the target's folder, which then replaces the target
     in one rename; on any failure nothing is left behind. The file gets the permissions a plain

@@ -9,122 +9,17 @@ imported; the device and the model's own limits before the weights load.
 from __future__ import annotations
 
 import argparse
-import glob
 import logging
 import os
 import sys
-import tempfile
 import traceback
-from dataclasses import dataclass
-from pathlib import Path
 
 from . import __version__
-from .atomic import write_atomically
+from .atomic import refuse_existing
 from .errors import SMFSRError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
-
-
-# --------------------------------------------------------------------------------------------
-# inputs and outputs
-
-
-def expand_inputs(items: list[str]) -> list[tuple[Path, Path]]:
-    """(file, path relative to its root) for files, folders (recursive) and globs."""
-    from .imageio import is_image_path
-
-    found: list[tuple[Path, Path]] = []
-    for item in items:
-        matches = sorted(glob.glob(item, recursive=True)) if glob.has_magic(item) else [item]
-        if not matches:
-            raise SMFSRError(f"{item}: no files match")
-        for match in matches:
-            path = Path(match)
-            if path.is_dir():
-                files = sorted(p for p in path.rglob("*") if p.is_file() and is_image_path(p))
-                if not files:
-                    raise SMFSRError(f"{path}: the folder has no images")
-                found += [(f, f.relative_to(path)) for f in files]
-            elif path.exists():
-                found.append((path, Path(path.name)))
-            else:
-                raise SMFSRError(f"{path}: no such file or folder")
-    return found
-
-
-def output_path(source_rel: Path, out: Path, single: bool) -> Path:
-    """A single input may name its output file; otherwise ``out`` is a folder and names are kept."""
-    from .imageio import is_image_path
-
-    if single and is_image_path(out):
-        return out
-    return out / source_rel.with_suffix(".png")
-
-
-def check_writable(folders: set[Path]) -> None:
-    """Each output folder exists (made if need be) and takes a new file; probed for real, since a
-    permission check says nothing on a read-only file system or as root."""
-    for folder in sorted(folders):
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryFile(dir=folder, prefix=".smfsr-probe-"):
-                pass
-        except OSError as e:
-            raise SMFSRError(f"cannot write to the output folder {folder} ({e.strerror or e}); "
-                             "choose another -o") from None
-
-
-def shard(items: list, rank: int, world: int) -> list:
-    """This process's share of the inputs under ``accelerate launch`` / ``torchrun``."""
-    return items[rank::world]
-
-
-def distributed_rank() -> tuple[int, int, int]:
-    """(rank, world size, local rank) from the environment accelerate/torchrun set."""
-    env = os.environ
-    return int(env.get("RANK", 0)), int(env.get("WORLD_SIZE", 1)), int(env.get("LOCAL_RANK", 0))
-
-
-@dataclass
-class Job:
-    source: Path
-    target: Path
-
-
-def plan_jobs(args: argparse.Namespace, rank: int, world: int) -> tuple[list[Job], list[Job], list[Job]]:
-    """(to do, skipped because the output exists, refused because it exists) for this process."""
-    found = expand_inputs(args.inputs)
-    single = len(found) == 1
-    out = Path(args.output)
-    jobs = [Job(src, output_path(rel, out, single)) for src, rel in found]
-    targets = [job.target for job in jobs]
-    if len(set(targets)) != len(targets):
-        raise SMFSRError("two inputs would write the same output file (same name in different folders?); use folders")
-    jobs = shard(jobs, rank, world)
-    exists = [job for job in jobs if job.target.exists() and not args.overwrite]
-    todo = [job for job in jobs if job not in exists]
-    return todo, (exists if args.skip_existing else []), ([] if args.skip_existing else exists)
-
-
-def readable(jobs: list[Job], max_pixels: int, tag: str) -> tuple[list[Job], int]:
-    """The jobs whose input opens as an image of a size SMFSR takes (header only); the others are
-    reported. Returns (the readable jobs, how many were not)."""
-    from .imageio import open_image
-
-    good = []
-    for job in jobs:
-        try:
-            open_image(job.source, max_pixels, decode=False).close()
-            good.append(job)
-        except SMFSRError as e:
-            print(f"error: {tag}{e}", file=sys.stderr)  # the message names the file
-    return good, len(jobs) - len(good)
-
-
-def write_png(image, target: Path) -> None:
-    """Write through a temporary file in the same folder, so a failed write leaves nothing behind
-    and never a half-written file in place of one the user had."""
-    write_atomically(target, lambda tmp: image.save(tmp, format="PNG"))
+WEIGHT_CHOICES = ["auto", "fp8_e4m3fn", "fp8"]  # runtime.WEIGHTS and its short name (not imported: torch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -133,68 +28,76 @@ def write_png(image, target: Path) -> None:
 
 def upscale_options(args: argparse.Namespace):
     from .options import UpscaleOptions, VAETiling
-
     return UpscaleOptions(scale=args.scale, seed=args.seed, steps=args.steps, tile_size=args.tile_size,
                           tile_overlap=args.tile_overlap, color_fix=args.color_fix,
                           vae_tiling=VAETiling.parse(args.vae_tile)).check()
 
 
+def preflight(args: argparse.Namespace, options):
+    """Everything about the model that can be checked from its header, before torch: the name or
+    path, what kind of file it is, and the options against its limits (steps, tile multiple).
+    Returns (the model's path, the settings that will run)."""
+    from .checkpoint.default_model import default_model_path, resolve_model
+    from .checkpoint.peek import peek_model
+
+    model = resolve_model(args.model) if args.model else default_model_path()
+    config, defaults = peek_model(model)
+    settings = options.resolve(defaults, int(config["patch_size"]))
+    if args.prompt_text is not None and not _names_text_encoders(args):
+        raise SMFSRError("--prompt-text needs SD3.5's text encoders to encode it: add --sd35 (or --clip-l --clip-g "
+                         "--t5 --tokenizers); without them the model's stored prompt is used")
+    if args.prompt and _names_text_encoders(args):
+        raise SMFSRError("give --prompt (an encoded prompt file) or the text encoders, not both")
+    return model, settings, defaults
+
+
 def cmd_upscale(args: argparse.Namespace) -> int:
+    from .batch import check_writable, distributed_rank, keep_readable, plan
+
     rank, world, local_rank = distributed_rank()
     tag = f"[rank {rank}/{world}] " if world > 1 else ""
-    options = upscale_options(args)  # usage errors first: no torch, no model
-    todo, skipped, refused = plan_jobs(args, rank, world)
-    todo, unreadable = readable(todo, args.max_pixels, tag)  # image headers, before the model loads
-    for job in skipped:
+    model, settings, defaults = preflight(args, upscale_options(args))  # usage errors first: no torch, no model
+    batch = plan(args.inputs, args.output, overwrite=args.overwrite, skip_existing=args.skip_existing,
+                 rank=rank, world=world)
+    todo, unreadable = keep_readable(batch.todo, args.max_pixels,  # image headers, before the model loads
+                                     lambda message: print(f"error: {tag}{message}", file=sys.stderr))
+    for job in batch.skipped:
         _say(args, f"{tag}{job.source}: {job.target} exists, skipped")
-    for job in refused:
+    for job in batch.refused:
         print(f"error: {tag}{job.source}: {job.target} already exists (use --overwrite to replace it, "
               "--skip-existing to skip)", file=sys.stderr)
     check_writable({job.target.parent for job in todo})
-    failed = upscale_jobs(args, options, todo, tag, local_rank if world > 1 else None) if todo else 0
-    failures = failed + len(refused) + unreadable
-    total = len(todo) + len(skipped) + len(refused) + unreadable
+    failed = upscale_jobs(args, model, settings, defaults, todo, tag, local_rank if world > 1 else None) if todo else 0
+    failures = failed + len(batch.refused) + unreadable
+    total = len(todo) + len(batch.skipped) + len(batch.refused) + unreadable
     summary = f"{tag}{len(todo) - failed} of {total} images upscaled"
-    summary += f", {len(skipped)} skipped (output exists)" if skipped else ""
+    summary += f", {len(batch.skipped)} skipped (output exists)" if batch.skipped else ""
     summary += f", {failures} failed" if failures else ""
     _say(args, summary)
     return EXIT_OK if failures == 0 else EXIT_SOME_FAILED
 
 
-def upscale_jobs(args: argparse.Namespace, options, jobs: list[Job], tag: str, local_rank: int | None) -> int:
-    """Load the model (after checking the device and the options against it) and run the jobs;
-    returns the number that failed."""
+def upscale_jobs(args: argparse.Namespace, model, settings, defaults, jobs: list, tag: str,
+                 local_rank: int | None) -> int:
+    """Load the model and run the jobs; returns the number that failed."""
     import torch
 
-    from .devices import parse_device, parse_dtype
-
-    device_name = args.device
-    if device_name is None and local_rank is not None and torch.cuda.is_available():
-        device_name = f"cuda:{local_rank}"
-    device = parse_device(device_name)
-    dtype = parse_dtype(args.dtype, device)
-
-    from .checkpoint import peek_model
-    from .checkpoint.default_model import default_model_path, resolve_model
+    from .batch import write_png
     from .imageio import from_pil, open_image
     from .pipeline import SMFSRUpscaler
+    from .runtime import Runtime
     from .text_encoders import DEFAULT_PROMPT
 
-    model = resolve_model(args.model) if args.model else default_model_path()
-    config, defaults = peek_model(model)
-    options.resolve(defaults, int(config["patch_size"]))  # the model's limits, before its weights load
+    device = args.device
+    if device is None and local_rank is not None and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+    # device, dtype and fp8 support are checked once, here, before the encoders or the weights load
+    runtime = Runtime(device, args.dtype, args.weights, args.block_swap, args.compile).resolved()
     sources = text_sources(args)
-    if args.prompt_text is not None and sources is None:
-        raise SMFSRError("--prompt-text needs SD3.5's text encoders to encode it: add --sd35 (or --clip-l --clip-g "
-                         "--t5 --tokenizers); without them the model's stored prompt is used")
-    if args.prompt and sources is not None:
-        raise SMFSRError("give --prompt (an encoded prompt file) or the text encoders, not both")
-    text = encode_text(sources, args.prompt_text or defaults.prompt or DEFAULT_PROMPT, args) if sources else None
-    upscaler = SMFSRUpscaler.from_pretrained(model, device=device, dtype=dtype, vae=args.vae, prompt=args.prompt,
-                                             weights=args.weights, block_swap=args.block_swap, compile=args.compile)
+    text = encode(sources, args.prompt_text or defaults.prompt or DEFAULT_PROMPT, args) if sources else None
+    upscaler = SMFSRUpscaler.from_pretrained(model, runtime=runtime, vae=args.vae, prompt=args.prompt)
     if text is not None:
         upscaler.prompt_embeds, upscaler.prompt_pooled = text
-    settings = upscaler.settings(options)
     failures = 0
     for index, job in enumerate(jobs, 1):
         label = f"{tag}[{index}/{len(jobs)}] {job.source}"
@@ -202,12 +105,16 @@ def upscale_jobs(args: argparse.Namespace, options, jobs: list[Job], tag: str, l
             image = from_pil(open_image(job.source, max_pixels=args.max_pixels))
             for note in image.notes:
                 _say(args, f"{label}: {note}")
-            with _progress_bar(args, label) as bar:
+            if not args.quiet:
+                line = upscaler.announcement(*image.rgb.shape[-2:], settings)
+                if line:
+                    _say(args, f"{label}: {line}")
+            with _progress_bar(args, job.source.name) as bar:
                 result = upscaler.upscale_image(image, settings, progress=bar)
             if args.rgb:
                 result = result.convert("RGBA" if "A" in result.getbands() else "RGB")
             try:
-                write_png(result, job.target)
+                write_png(result, job.target)  # the output folder is made now, not before
             except OSError as e:
                 raise SMFSRError(f"could not write {job.target} ({e.strerror or e}); nothing was written") from None
             _say(args, f"{label} -> {job.target} ({result.width}x{result.height})")
@@ -223,10 +130,10 @@ def upscale_jobs(args: argparse.Namespace, options, jobs: list[Job], tag: str, l
 
 
 class _progress_bar:
-    """A tqdm bar over latent tiles, as a ``progress(done, total)`` callback."""
+    """A tqdm bar (with its ETA) over latent tiles, as a ``progress(done, total)`` callback."""
 
-    def __init__(self, args: argparse.Namespace, label: str):
-        self.args, self.label, self.bar = args, label, None
+    def __init__(self, args: argparse.Namespace, name: str):
+        self.args, self.name, self.bar = args, name, None
 
     def __enter__(self):
         return self
@@ -237,7 +144,7 @@ class _progress_bar:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, desc=Path(self.label).name[:40], unit="tile", leave=False, file=sys.stderr)
+            self.bar = tqdm(total=total, desc=self.name[:40], unit="tile", leave=False, file=sys.stderr)
         self.bar.update(done - self.bar.n)
 
     def __exit__(self, *exc):
@@ -246,11 +153,14 @@ class _progress_bar:
 
 
 def _say(args: argparse.Namespace, message: str) -> None:
-    if not args.quiet:
+    if not getattr(args, "quiet", False):
         print(message, file=sys.stderr)
 
 
 def cmd_app(args: argparse.Namespace) -> int:
+    from .app import model_entries
+
+    model_entries(args.model, args.models_dir)  # a wrong name or file is said before gradio and torch load
     try:
         import gradio  # noqa: F401
     except ImportError:
@@ -263,109 +173,63 @@ def cmd_app(args: argparse.Namespace) -> int:
 
 
 def cmd_info(args: argparse.Namespace) -> int:
+    from .checkpoint.default_model import resolve_model
     from .checkpoint.describe import describe
 
-    print(describe(args.model))
+    print(describe(resolve_model(args.model)))
     return EXIT_OK
+
+
+def _names_text_encoders(args: argparse.Namespace) -> bool:
+    return any(getattr(args, k, None) for k in ("sd35", "clip_l", "clip_g", "t5"))
 
 
 def text_sources(args: argparse.Namespace):
     """The SD3.5 text encoders the user named (--sd35 / --clip-l --clip-g --t5 / --tokenizers), or None."""
+    if not _names_text_encoders(args):
+        return None
     from .text_encoders import find_sources
 
-    named = [getattr(args, k, None) for k in ("sd35", "clip_l", "clip_g", "t5")]
-    if not any(named):
-        return None
     return find_sources(args.sd35, clip_l=args.clip_l, clip_g=args.clip_g, t5=args.t5, tokenizers=args.tokenizers)
 
 
-def encode_text(sources, text: str, args: argparse.Namespace):
-    """(embeds, pooled) of ``text``; the encoders are freed when this returns."""
-    import torch
+def encode(sources, text: str, args: argparse.Namespace):
+    from .text_encoders import encode_text
 
-    from .text_encoders import clip_truncated, encode_prompt, load_pipeline
-
-    t5_dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.t5_dtype]
-    print(f"encoding the prompt with SD3.5's text encoders (T5-XXL in {args.t5_dtype} on {args.text_device}) ...",
-          file=sys.stderr)
-    pipe = load_pipeline(sources, t5_dtype=t5_dtype, device=args.text_device)
-    if clip_truncated(pipe, text):
-        print("note: CLIP reads the first 77 tokens of the prompt, T5 all of it (as SD3.5 always does)", file=sys.stderr)
-    embeds, pooled = encode_prompt(pipe, text)
-    del pipe
-    return embeds, pooled
+    return encode_text(sources, text, t5_dtype=args.t5_dtype, device=args.text_device,
+                       say=lambda message: print(message, file=sys.stderr))
 
 
 def cmd_encode_prompt(args: argparse.Namespace) -> int:
-    from .text_encoders import DEFAULT_PROMPT, write_prompt_file
-
-    if Path(args.output).exists() and not args.overwrite:
-        raise SMFSRError(f"{args.output} already exists; choose another name or pass --overwrite")
-    sources = text_sources(args)
-    if sources is None:
+    refuse_existing(args.output, args.overwrite)
+    if not _names_text_encoders(args):
         raise SMFSRError("name SD3.5's text encoders: --sd35 FOLDER_OR_CHECKPOINT, or --clip-l --clip-g --t5 with "
                          "--tokenizers")
+    from .text_encoders import DEFAULT_PROMPT, write_prompt_file
+
     text = args.text if args.text is not None else DEFAULT_PROMPT
-    embeds, pooled = encode_text(sources, text, args)
+    embeds, pooled = encode(text_sources(args), text, args)
     path = write_prompt_file(args.output, embeds, pooled, text, overwrite=args.overwrite)
     print(f"wrote {path}: embeds {tuple(embeds.shape)}, pooled {tuple(pooled.shape)}")
     return EXIT_OK
 
 
 def cmd_convert(args: argparse.Namespace) -> int:
-    import torch
+    from .checkpoint.default_model import resolve_model
 
-    from .checkpoint import Bundle, PipelineDefaults, import_official_transformer, import_vae, read_prompt_file, save_bundle
-    from .text_encoders import DEFAULT_PROMPT
-
-    if Path(args.output).exists() and not args.overwrite:
-        raise SMFSRError(f"{args.output} already exists; choose another name or pass --overwrite")
+    transformer = resolve_model(args.transformer)  # a shipped name works too
+    output = refuse_existing(args.output, args.overwrite)  # before torch: said in a second
     if args.prompt_embeds and args.sd35:
         raise SMFSRError("give --prompt-embeds or --sd35 (to encode --prompt-text), not both")
     sources = text_sources(args)  # checked before the large transformer loads
-    if args.weights == "fp8":
-        from .quant import fp8_supported
+    from .checkpoint.convert import convert
+    from .text_encoders import DEFAULT_PROMPT
 
-        if fp8_supported():
-            raise SMFSRError(f"--weights fp8: {fp8_supported()}")
-    source = None
-    if Path(args.transformer).is_file():  # an existing bundle, e.g. to store it in fp8
-        from .checkpoint import load_bundle
-
-        source = load_bundle(args.transformer)
-        transformer = source.transformer
-    else:
-        transformer = import_official_transformer(args.transformer)
-    if args.weights == "fp8":
-        from .quant import is_fp8, to_fp8
-
-        if not is_fp8(transformer):
-            to_fp8(transformer, args.fp8_scale)
-    vae_source = args.vae or (args.sd35 if args.sd35 else None)
-    vae = import_vae(vae_source) if vae_source else source.vae if source is not None else None
-    embeds = pooled = None
-    text = args.prompt_text
-    if args.prompt_embeds:
-        embeds, pooled = read_prompt_file(args.prompt_embeds)
-    elif sources is not None:
-        text = text if text is not None else DEFAULT_PROMPT
-        embeds, pooled = encode_text(sources, text, args)
-    elif source is not None:
-        embeds, pooled, text = source.prompt_embeds, source.prompt_pooled, source.defaults.prompt
-    if source is not None:
-        defaults = source.defaults
-        defaults.prompt = text or ""
-    else:
-        defaults = PipelineDefaults(upscale=args.upscale, prompt=text or "")
-    if vae is not None:
-        defaults.vae_scaling_factor = float(vae.config.scaling_factor)
-        defaults.vae_shift_factor = float(vae.config.shift_factor or 0.0)
-    license = args.license or (source.license if source is not None else "see the original model's licence")
-    bundle = Bundle(transformer=transformer, vae=vae, prompt_embeds=embeds, prompt_pooled=pooled, defaults=defaults,
-                    license=license, provenance=f"converted by smfsr {__version__} from {args.transformer}"
-                    + (f" ({args.weights} weights)" if args.weights == "fp8" else ""))
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    path = save_bundle(args.output, bundle, overwrite=args.overwrite, dtype=dtype)
+    path = convert(transformer, output, vae=args.vae or args.sd35, prompt_embeds=args.prompt_embeds,
+                   prompt_text=args.prompt_text, default_prompt=DEFAULT_PROMPT,
+                   encode_text=(lambda text: encode(sources, text, args)) if sources else None,
+                   upscale=args.upscale, weights=args.weights, fp8_scale=args.fp8_scale, dtype=args.dtype,
+                   license=args.license, overwrite=args.overwrite)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
     return EXIT_OK
 
@@ -450,8 +314,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     up.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
                     help="auto: bf16/fp16 on GPU, fp32 on CPU")
-    up.add_argument("--weights", choices=["auto", "fp8"], default="auto",
-                    help="fp8: quantise the transformer blocks to fp8 on load (half of bf16's memory); auto: as stored")
+    up.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
+                    help="fp8_e4m3fn (or fp8): quantise the transformer blocks to fp8 on load (half of bf16's "
+                         "memory); auto: as stored")
     up.add_argument("--block-swap", default="0", type=_block_swap,
                     help="keep N transformer blocks in system memory, streamed to the GPU as they run; 'auto': as "
                          "many as free GPU memory needs (default 0)")
@@ -474,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
     app.add_argument("--device", type=_device, help="cpu, cuda, ... (default: cuda if available)")
     app.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    app.add_argument("--weights", choices=["auto", "fp8"], default="auto", help="as for upscale")
+    app.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help="as for upscale")
     app.add_argument("--block-swap", default="0", type=_block_swap, help="as for upscale")
     app.set_defaults(func=cmd_app)
 
@@ -498,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--upscale", type=_number(int, "--upscale", 1, inclusive=True), default=4)
     conv.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
                       help="storage of the floating tensors (default fp16); fp8 weights keep their format")
-    conv.add_argument("--weights", choices=["auto", "fp8"], default="auto",
+    conv.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
                       help="fp8: store the transformer blocks' linears as float8 e4m3fn with scales (about half of fp16)")
     conv.add_argument("--fp8-scale", choices=["channel", "tensor"], default="channel",
                       help="fp8 scale granularity (default: per output channel)")

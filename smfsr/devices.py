@@ -31,11 +31,11 @@ def parse_device(name: str | torch.device | None) -> torch.device:
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError):
-        raise SMFSRError(f"unknown device {name!r}; use cpu, cuda or cuda:N") from None
+        raise SMFSRError(f"unknown ${{device}} {name!r}; use cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             why = "this torch was built without CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
-            raise SMFSRError(f"device {name!r} is not available: {why}; use --device cpu, or install a CUDA build of torch")
+            raise SMFSRError(f"device {name!r} is not available: {why}; set ${{device}} to cpu, or install a CUDA build of torch")
         if device.index is not None and device.index >= torch.cuda.device_count():
             raise SMFSRError(f"device {name!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     elif device.type != "cpu":
@@ -51,7 +51,7 @@ def parse_dtype(name: str | torch.dtype | None, device: torch.device) -> torch.d
     if name in (None, "auto"):
         return default_dtype(device)
     if name not in DTYPES:
-        raise SMFSRError(f"unknown dtype {name!r}; use auto, fp32, fp16 or bf16")
+        raise SMFSRError(f"unknown ${{dtype}} {name!r}; use auto, fp32, fp16 or bf16")
     if DTYPES[name] == torch.float16 and device.type == "cpu":
-        raise SMFSRError("fp16 is not supported on the CPU; use fp32 or bf16")
+        raise SMFSRError("fp16 is not supported on the CPU; set ${dtype} to fp32 or bf16")
     return DTYPES[name]

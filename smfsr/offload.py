@@ -36,7 +36,7 @@ def swap_count(request: int | str | None, blocks: nn.ModuleList, device: torch.d
     if request != "auto":
         n = int(request)
         if not 0 <= n <= len(blocks):
-            raise SMFSRError(f"block swap: the model has {len(blocks)} blocks; swap 0..{len(blocks)} of them, not {n}")
+            raise SMFSRError(f"${{block_swap}}: the model has {len(blocks)} blocks; swap 0..{len(blocks)} of them, not {n}")
         return n
     free, _ = torch.cuda.mem_get_info(device)
     per_block = [module_bytes(b) for b in blocks]

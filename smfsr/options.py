@@ -31,7 +31,7 @@ class VAETiling:
 
     def __post_init__(self):
         if self.tile is not None and self.tile < 1:
-            raise SMFSRError(f"the VAE tile must be at least 1 latent px, got {self.tile}")
+            raise SMFSRError(f"${{vae_tile}} must be at least 1 latent cell, got {self.tile}")
 
     @classmethod
     def off(cls) -> "VAETiling":
@@ -51,7 +51,7 @@ class VAETiling:
         try:
             tile = int(value)
         except (TypeError, ValueError):
-            raise SMFSRError(f"VAE tile must be 'auto', 'off' or a number of latent px, not {value!r}") from None
+            raise SMFSRError(f"${{vae_tile}} must be 'auto', 'off' or a number of latent cells, not {value!r}") from None
         return cls(tile=tile)
 
 
@@ -79,19 +79,19 @@ class UpscaleOptions:
     def check(self) -> "UpscaleOptions":
         """Every value on its own (no model needed); raises SMFSRError. Returns self."""
         if self.scale is not None and not 0 < self.scale <= MAX_SCALE:
-            raise SMFSRError(f"scale must be greater than 0 and at most {MAX_SCALE:g}, got {self.scale:g}")
+            raise SMFSRError(f"${{scale}} must be greater than 0 and at most {MAX_SCALE:g}, got {self.scale:g}")
         if self.steps is not None and self.steps < 1:
-            raise SMFSRError(f"steps must be at least 1, got {self.steps}")
+            raise SMFSRError(f"${{steps}} must be at least 1, got {self.steps}")
         if self.tile_size is not None and self.tile_size < 0:
-            raise SMFSRError(f"tile size must be 0 (no tiling) or positive, got {self.tile_size}")
+            raise SMFSRError(f"${{latent_tile}} must be 0 (no tiling) or positive, got {self.tile_size}")
         if self.tile_overlap is not None and self.tile_overlap < 0:
-            raise SMFSRError(f"tile overlap must be 0 or positive, got {self.tile_overlap}")
+            raise SMFSRError(f"${{latent_tile_overlap}} must be 0 or positive, got {self.tile_overlap}")
         if self.tile_size and self.tile_overlap is not None and self.tile_overlap >= self.tile_size:
-            raise SMFSRError(f"tile overlap ({self.tile_overlap}) must be smaller than the tile size ({self.tile_size})")
+            raise SMFSRError(f"${{latent_tile_overlap}} ({self.tile_overlap}) must be smaller than ${{latent_tile}} ({self.tile_size})")
         if self.color_fix is not None and self.color_fix not in COLOR_FIXES:
-            raise SMFSRError(f"unknown colour fix {self.color_fix!r}; choose one of {', '.join(COLOR_FIXES)}")
+            raise SMFSRError(f"unknown ${{color_fix}} {self.color_fix!r}; choose one of {', '.join(COLOR_FIXES)}")
         if not -(2**63) <= int(self.seed) < 2**64:
-            raise SMFSRError(f"seed must fit in 64 bits, got {self.seed}")
+            raise SMFSRError(f"${{seed}} must fit in 64 bits, got {self.seed}")
         return self
 
     def resolve(self, defaults, patch_size: int) -> "Settings":
@@ -101,7 +101,7 @@ class UpscaleOptions:
         steps = self.steps or defaults.steps
         if defaults.max_steps and steps > defaults.max_steps:
             raise SMFSRError(f"this model was trained for {defaults.max_steps} step(s) only and gives poor results "
-                             f"with more; use --steps {defaults.max_steps} (or leave steps at the model's default)")
+                             f"with more; set ${{steps}} to {defaults.max_steps} (or leave it at the model's default)")
         tile = defaults.latent_tile if self.tile_size is None else self.tile_size
         if self.tile_overlap is not None:
             overlap = self.tile_overlap
@@ -110,9 +110,9 @@ class UpscaleOptions:
         else:  # a tile of the user's with the model's overlap ratio
             overlap = round(defaults.latent_overlap * tile / defaults.latent_tile)
         if tile and tile % patch_size:
-            raise SMFSRError(f"latent tile size {tile} must be a multiple of the model's patch size {patch_size}")
+            raise SMFSRError(f"${{latent_tile}} {tile} must be a multiple of the model's patch size {patch_size}")
         if tile and overlap >= tile:
-            raise SMFSRError(f"tile overlap ({overlap}) must be smaller than the tile size ({tile})")
+            raise SMFSRError(f"${{latent_tile_overlap}} ({overlap}) must be smaller than ${{latent_tile}} ({tile})")
         return Settings(scale=float(self.scale or defaults.upscale), seed=int(self.seed), steps=int(steps),
                         tile=int(tile), overlap=int(overlap), color_fix=self.color_fix or defaults.color_fix,
                         vae_tiling=self.vae_tiling or VAETiling())

@@ -34,9 +34,9 @@ from . import meanflow
 from .checkpoint import Bundle, load_model
 from .checkpoint.default_model import default_model_path, resolve_model
 from .codec import LatentCodec, LatentScale
-from .devices import parse_device, parse_dtype
 from .color import color_fix
 from .errors import SMFSRError
+from .estimate import Estimator, announcement
 from .imageio import RGBAlpha, check_size, from_pil, to_pil
 from .options import Settings, UpscaleOptions, VAETiling
 from .runtime import FirstCallTimer, Runtime, prepare
@@ -61,6 +61,26 @@ def seeded_noise(shape: Sequence[int], seeds: Sequence[int], draws: int = 1) -> 
     same seed, same noise, whatever the device, the batch, or the image's place in it."""
     generators = [torch.Generator().manual_seed(int(s)) for s in seeds]
     return [torch.stack([torch.randn(tuple(shape[1:]), generator=g) for g in generators]) for _ in range(draws)]
+
+
+def lr_posterior_latent(mean: torch.Tensor, logvar: torch.Tensor | None, eps: torch.Tensor, rule: str) -> torch.Tensor:
+    """The LR condition in raw VAE space (method.md 3, step 2): official inference *samples* the LR
+    posterior, mean + std * eps, with eps the image's second seeded draw (``rule="sample"``, what
+    bundles record); ``"mean"`` takes the mode. A plain encoding (no variance) is used as it is."""
+    if logvar is None or rule != "sample":
+        return mean
+    return mean + torch.exp(0.5 * logvar) * eps.to(mean.device, mean.dtype)
+
+
+def lr_condition(codec: LatentCodec, lr: torch.Tensor, size: tuple[int, int], seeds: Sequence[int],
+                 rule: str) -> torch.Tensor:
+    """The normalised LR latent the network is conditioned on, for LR images (B, 3, h, w) and the
+    working size ``size``: stage 1 (bicubic to the working size, the posterior) and the start of
+    stage 2 (the posterior latent from each image's seed). The trainer calls this, so a model sees
+    in training exactly the condition the pipeline's stages give it at inference."""
+    mean, logvar = codec.moments(resize(lr.float(), *size))
+    eps = seeded_noise(mean.shape, seeds, draws=2)[1]
+    return codec.normalize(lr_posterior_latent(mean, logvar, eps, rule).float())
 
 
 def output_size(height: int, width: int, scale: float) -> tuple[int, int]:
@@ -113,29 +133,32 @@ class SMFSRUpscaler:
             )
         self.prompt_embeds, self.prompt_pooled = bundle.prompt_embeds, bundle.prompt_pooled
         self.first_call = FirstCallTimer(False)
+        self.estimator = Estimator(self)
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike | None = None, *, device: str | torch.device | None = None,
-                        dtype: str | torch.dtype | None = None, vae: str | os.PathLike | None = None,
-                        prompt: str | os.PathLike | None = None, weights: str = "auto", block_swap: int | str = 0,
-                        compile: bool = False) -> "SMFSRUpscaler":
-        """Load a bundle or an official folder; ``vae`` / ``prompt`` supply parts the model lacks;
-        ``weights``, ``block_swap`` and ``compile`` say how it runs (``runtime.Runtime``)."""
-        runtime = Runtime(device, dtype, weights, block_swap, compile).check()
-        parse_dtype(dtype, parse_device(device))  # a wrong device or dtype is said before anything loads
+    def from_pretrained(cls, path: str | os.PathLike | None = None, *, runtime: Runtime | None = None,
+                        device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+                        vae: str | os.PathLike | None = None, prompt: str | os.PathLike | None = None,
+                        weights: str = "auto", block_swap: int | str = 0, compile: bool = False,
+                        place: bool = True) -> "SMFSRUpscaler":
+        """The one loader every door calls. ``path``: a bundle, an official folder or a shipped
+        model's name (default: the default model); ``vae`` / ``prompt`` supply parts the model
+        lacks. How it runs is a ``Runtime`` (device, dtype, fp8 weights, block swap, compile), given
+        whole or as the keywords; it is checked before anything loads. ``place=False`` leaves the
+        weights on the CPU for a host whose memory manager moves them (ComfyUI)."""
+        runtime = (runtime or Runtime(device, dtype, weights, block_swap, compile)).resolved()
         bundle = load_model(resolve_model(path) if path is not None else default_model_path())
         if vae is not None:
             from .checkpoint import import_vae
 
             bundle.vae = import_vae(vae)
-            bundle.defaults.vae_scaling_factor = float(bundle.vae.config.scaling_factor)
-            bundle.defaults.vae_shift_factor = float(bundle.vae.config.shift_factor or 0.0)
+            bundle.defaults.use_vae(bundle.vae)
         if prompt is not None:
             from .checkpoint import read_prompt_file
 
             bundle.prompt_embeds, bundle.prompt_pooled = read_prompt_file(prompt)
-        upscaler = cls(prepare(bundle, runtime))
-        upscaler.first_call = FirstCallTimer(compile)
+        upscaler = cls(prepare(bundle, runtime, place=place))
+        upscaler.first_call = FirstCallTimer(runtime.compile)
         return upscaler
 
     # ----------------------------------------------------------------------------------------
@@ -187,6 +210,11 @@ class SMFSRUpscaler:
         h, w = round(height * grow) * self.factor, round(width * grow) * self.factor
         return max(grid, h // grid * grid), max(grid, w // grid * grid)
 
+    def announcement(self, height: int, width: int, settings: Settings | UpscaleOptions | None = None) -> str | None:
+        """For a job worth announcing (estimated long, or a large output): its output size, tile
+        count and estimated time, from a warm-up measured once on this device; else None."""
+        return announcement(self, height, width, self.settings(settings))
+
     def encode(self, images: torch.Tensor, settings: Settings | UpscaleOptions | None = None) -> LRLatent:
         """(B, 3, H, W) LR images in [0, 1] -> the LR posterior of their bicubic upsampling."""
         settings = self.settings(settings)
@@ -210,9 +238,7 @@ class SMFSRUpscaler:
             raise SMFSRError(f"{len(seeds)} seeds for {batch} images")
         embeds, pooled = self.text(batch, prompt_embeds, prompt_pooled)
         noise, lr_eps = seeded_noise((batch, channels, lh, lw), seeds, draws=2)
-        z_lr = lr.mean
-        if lr.logvar is not None and self.defaults.lr_latent == "sample":
-            z_lr = lr.mean + torch.exp(0.5 * lr.logvar) * lr_eps.to(lr.mean.device, lr.mean.dtype)
+        z_lr = lr_posterior_latent(lr.mean, lr.logvar, lr_eps, self.defaults.lr_latent)
         lr_latent = self.latent_scale.normalize(z_lr.float()).to(self.device, self.dtype)
 
         while True:  # on out-of-memory, halve the latent tile and try again (down to MIN_LATENT_TILE)
@@ -222,8 +248,9 @@ class SMFSRUpscaler:
             except torch.OutOfMemoryError:
                 current = settings.tile or max(lh, lw)
                 if current // 2 < MIN_LATENT_TILE:
-                    raise SMFSRError(f"out of memory even with {current}-px latent tiles; use a smaller image, "
-                                     "--dtype bf16, or free GPU memory") from None
+                    raise SMFSRError(f"out of memory even with {current}-cell latent tiles; use a smaller image, "
+                                     "or set ${dtype} to bf16, ${weights} to fp8_e4m3fn or ${block_swap} to "
+                                     "auto, or free GPU memory") from None
                 settings = settings.with_tile(current // 2 // self.patch_size * self.patch_size)
                 log.warning("out of memory: retrying with latent tile %d", settings.tile)
                 if self.device.type == "cuda":

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -23,39 +23,44 @@ from .devices import parse_device, parse_dtype
 from .errors import SMFSRError
 
 log = logging.getLogger("smfsr")
-WEIGHTS = ("auto", "fp8")
+WEIGHTS = ("auto", "fp8_e4m3fn")  # what every door offers; "fp8" is accepted as a short name
+FP8_NAMES = ("fp8_e4m3fn", "fp8")
 
 
 @dataclass(frozen=True)
 class Runtime:
     device: str | torch.device | None = None  # None: cuda if available
     dtype: str | torch.dtype | None = None  # compute dtype; None: bf16/fp16 on GPU, fp32 on CPU
-    weights: str = "auto"  # "auto": as stored; "fp8": fp8 block weights
+    weights: str = "auto"  # "auto": as stored; "fp8" / "fp8_e4m3fn": fp8 block weights
     block_swap: int | str = 0  # 0: none; N; "auto"
     compile: bool = False
 
     @classmethod
     def from_widgets(cls, device=None, dtype=None, *, weights: str = "auto", block_swap: int = 0,
                      compile: bool = False, low_memory: bool = False) -> "Runtime":
-        """As GUI hosts hold the settings: weights "fp8..." (e.g. ComfyUI's "fp8_e4m3fn") = fp8;
-        block_swap -1 = "auto", 0 = none, unless the host runs in a low-memory mode (ComfyUI's
-        --lowvram / --novram, A1111's --lowvram / --medvram), where 0 means "auto" too."""
+        """As GUI hosts hold the settings: block_swap -1 = "auto", 0 = none, unless the host runs in a
+        low-memory mode (ComfyUI's --lowvram / --novram, A1111's --lowvram / --medvram), where 0
+        means "auto" too."""
         swap = int(block_swap)
-        return cls(device, dtype, "fp8" if str(weights).startswith("fp8") else str(weights),
-                   "auto" if swap < 0 or (swap == 0 and low_memory) else swap, compile)
+        return cls(device, dtype, str(weights), "auto" if swap < 0 or (swap == 0 and low_memory) else swap, compile)
 
-    def check(self) -> "Runtime":
-        if self.weights not in WEIGHTS:
-            raise SMFSRError(f"weights must be one of {', '.join(WEIGHTS)}, not {self.weights!r}")
+    def resolved(self) -> "Runtime":
+        """This runtime checked, with its device and dtype as torch objects: the one place a door's
+        device, dtype, weights and block swap are checked, before anything loads. Idempotent."""
+        if self.weights not in WEIGHTS + FP8_NAMES:
+            raise SMFSRError(f"${{weights}} must be one of {', '.join(WEIGHTS)}, not {self.weights!r}")
+        weights = "fp8" if self.weights in FP8_NAMES else self.weights
         if self.block_swap not in ("auto",) and not str(self.block_swap).isdigit():
-            raise SMFSRError(f"block swap must be a number of blocks or 'auto', not {self.block_swap!r}")
-        if self.weights == "fp8":
+            raise SMFSRError(f"${{block_swap}} must be a number of blocks or 'auto', not {self.block_swap!r}")
+        device = parse_device(self.device)
+        dtype = parse_dtype(self.dtype, device)
+        if weights == "fp8":
             from .quant import fp8_supported
 
             reason = fp8_supported()
             if reason:
-                raise SMFSRError(f"fp8 weights are not possible here: {reason}; use --weights auto")
-        return self
+                raise SMFSRError(f"fp8 weights are not possible here: {reason}; set ${{weights}} to auto")
+        return replace(self, device=device, dtype=dtype, weights=weights)
 
 
 def prepare(bundle: Bundle, runtime: Runtime = Runtime(), *, place: bool = True) -> Bundle:
@@ -65,9 +70,8 @@ def prepare(bundle: Bundle, runtime: Runtime = Runtime(), *, place: bool = True)
     from .offload import BlockSwap, swap_count
     from .quant import is_fp8, to_fp8
 
-    runtime.check()
-    device = parse_device(runtime.device)
-    dtype = parse_dtype(runtime.dtype, device)
+    runtime = runtime.resolved()
+    device, dtype = runtime.device, runtime.dtype
     transformer = bundle.transformer
     if runtime.weights == "fp8" and not is_fp8(transformer):
         to_fp8(transformer)  # from the stored precision, before any cast

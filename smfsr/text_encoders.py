@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic import write_atomically
+from .atomic import refuse_existing, write_atomically
 from .errors import CheckpointError, SMFSRError
 
 # The official positive prompt suffix (method.md 2.7), the stored prompt of converted bundles.
@@ -238,13 +238,25 @@ def clip_truncated(pipe, text: str) -> bool:
     return len(pipe.tokenizer(text).input_ids) > CLIP_TOKENS
 
 
+def encode_text(sources: Sources, text: str, *, t5_dtype: str = "bf16", device: str = "cpu",
+                say=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds, pooled) of ``text`` with SD3.5's encoders from ``sources``; they are freed when this
+    returns. ``say(message)`` hears what is happening (loading T5-XXL takes a while)."""
+    say = say or (lambda message: None)
+    say(f"encoding the prompt with SD3.5's text encoders (T5-XXL in {t5_dtype} on {device}) ...")
+    pipe = load_pipeline(sources, t5_dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[t5_dtype], device=device)
+    if clip_truncated(pipe, text):
+        say("note: CLIP reads the first 77 tokens of the prompt, T5 all of it (as SD3.5 always does)")
+    embeds, pooled = encode_prompt(pipe, text)
+    del pipe
+    return embeds, pooled
+
+
 def write_prompt_file(path: str | os.PathLike, embeds: torch.Tensor, pooled: torch.Tensor, text: str,
                       overwrite: bool = False) -> Path:
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise SMFSRError(f"{path} already exists; choose another name or pass --overwrite")
+    path = refuse_existing(path, overwrite)
     tensors = {"embeds": embeds.contiguous(), "pooled": pooled.contiguous()}
     metadata = {"prompt": text, "encoders": "SD3.5 CLIP-L + CLIP-G + T5-XXL (diffusers encode_prompt)"}
     return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -10,6 +10,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, get_type_hints
 
+# learning-rate schedules after the warmup: our name -> diffusers.optimization.get_scheduler's
+LR_SCHEDULES = {"constant": "constant_with_warmup", "cosine": "cosine", "linear": "linear"}
+
 
 @dataclass
 class TrainConfig:
@@ -35,13 +38,13 @@ class TrainConfig:
     crop: int = 64  # HR crop size (px)
     scale: int = 4
     degradation: str = "realesrgan"  # realesrgan | bicubic | mixed (each crop: bicubic or realesrgan, 50/50)
-    cache_latents: bool = False  # encode a fixed set of crops once (no on-the-fly augmentation)
-    cache_size: int = 256
     num_workers: int = 0
 
     # --- optimisation ----------------------------------------------------------------------------
     batch_size: int = 4
     learning_rate: float = 1e-4
+    lr_schedule: str = "constant"  # constant | cosine | linear (diffusers' get_scheduler), after the warmup
+    lr_warmup_steps: int = 0  # steps of linear warmup from 0
     weight_decay: float = 0.01
     max_steps: int = 1000
     gradient_accumulation_steps: int = 1
@@ -119,7 +122,12 @@ class TrainConfig:
             raise SystemExit(f"config: degradation must be 'realesrgan', 'bicubic' or 'mixed', not {self.degradation!r}")
         if self.crop % (8 * self.scale):
             raise SystemExit(f"config: crop ({self.crop}) must be a multiple of 8 x scale ({8 * self.scale})")
-        if not self.train_dir and not self.cache_latents:
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise SystemExit(f"config: lr_schedule must be one of {', '.join(LR_SCHEDULES)}, not {self.lr_schedule!r}")
+        if not 0 <= self.lr_warmup_steps <= self.max_steps:
+            raise SystemExit(f"config: lr_warmup_steps ({self.lr_warmup_steps}) must be between 0 and max_steps "
+                             f"({self.max_steps})")
+        if not self.train_dir:
             raise SystemExit("config: train_dir (a folder of HR images) is required")
         if not 0 <= self.boundary_fraction + self.fixed_interval_fraction <= 1:
             raise SystemExit("config: boundary_fraction + fixed_interval_fraction must be in [0, 1]")

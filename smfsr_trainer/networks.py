@@ -48,7 +48,8 @@ def load_vae(config: TrainConfig, fallback: Bundle | None) -> tuple[torch.nn.Mod
                 raise SystemExit(f"{config.vae} has no VAE")
             return bundle.vae, bundle.defaults.vae_scaling_factor, bundle.defaults.vae_shift_factor
         vae = import_vae(config.vae)
-        return vae, float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
+        d = PipelineDefaults().use_vae(vae)
+        return vae, d.vae_scaling_factor, d.vae_shift_factor
     if fallback is not None and fallback.vae is not None:
         return fallback.vae, fallback.defaults.vae_scaling_factor, fallback.defaults.vae_shift_factor
     if config.vae_preset:
@@ -99,14 +100,21 @@ def with_frozen_parts(config: TrainConfig, trained: torch.nn.Module, teacher: to
     return Networks(trained, teacher, LatentCodec(scale, shift, vae), prompt, null)
 
 
-def encode(nets: Networks, batch: dict, device: torch.device) -> tuple[torch.Tensor, Condition]:
-    """HR latents (posterior means: the targets) and the condition (bicubic LR latent + prompt)."""
+LR_LATENT = "sample"  # how the LR condition is drawn in training; exported bundles record the same rule
+
+
+def encode(nets: Networks, batch: dict, device: torch.device, g: torch.Generator) -> tuple[torch.Tensor, Condition]:
+    """HR latents (posterior means: the targets) and the condition: the LR latent exactly as the
+    pipeline makes it (``smfsr.pipeline.lr_condition``: bicubic to the HR size, the posterior sample
+    from a per-image seed drawn from ``g``) + the prompt."""
+    from smfsr.pipeline import lr_condition
+
     hr, lr = batch["hr"].to(device), batch["lr"].to(device)
-    control = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic", align_corners=False).clamp(0, 1)
+    n = hr.shape[0]
+    seeds = torch.randint(2**62, (n,), generator=g).tolist()
     with torch.no_grad():
         x = nets.codec.encode(hr).float()
-        lr_latent = nets.codec.encode(control).float()
-    n = hr.shape[0]
+        lr_latent = lr_condition(nets.codec, lr, tuple(hr.shape[-2:]), seeds, LR_LATENT).float()
     embeds, pooled = (t.to(device).expand(n, *t.shape[1:]) for t in nets.prompt)
     return x, Condition(lr_latent, embeds, pooled)
 
@@ -130,34 +138,25 @@ def ema_model(nets: Networks, ema: EMA) -> torch.nn.Module:
     return model.eval().requires_grad_(False)
 
 
-def default_steps(config: TrainConfig, value: int) -> int:
-    return value or (1 if config.stage in ("meanflow", "refine") else 25)
-
-
-def one_step_only(config: TrainConfig) -> bool:
-    """A generator refined at one step only: the rest of its interval field drifted from the
-    distilled one (2 and 4 steps come out grainy), so its bundle says so and doors refuse more."""
-    return config.stage == "refine" and [s.strip() for s in str(config.refine_steps).split(",")] == ["1"]
-
-
-def to_bundle(config: TrainConfig, nets: Networks, model: torch.nn.Module) -> Bundle:
+def to_bundle(config: TrainConfig, nets: Networks, model: torch.nn.Module, stage) -> Bundle:
+    """``model`` as a bundle every door loads, with the defaults ``stage`` (a ``stages.Stage``) sets."""
     tile = max(16, 2 * config.crop // 8)
     defaults = PipelineDefaults(
-        upscale=config.scale, steps=default_steps(config, config.export_steps),
+        upscale=config.scale, steps=stage.steps(config.export_steps),
         process_size=config.process_size or config.crop, vae_scaling_factor=nets.codec.scaling_factor,
         vae_shift_factor=nets.codec.shift_factor, latent_tile=tile, latent_overlap=tile // 4, flow_shift=1.0,
-        max_steps=1 if one_step_only(config) else 0,
+        lr_latent=LR_LATENT,
+        max_steps=stage.max_steps(config),
     )
     return Bundle(transformer=model, vae=nets.codec.vae, prompt_embeds=nets.prompt[0], prompt_pooled=nets.prompt[1],
                   defaults=defaults, license="Apache-2.0 (weights trained with the SMFSR trainer)",
-                  provenance=f"smfsr_trainer stage {config.stage}, config: {json.dumps(config_summary(config))}")
+                  provenance=f"smfsr_trainer stage {config.stage}, config: "
+                             f"{json.dumps(config_summary(config, stage.summary_keys))}")
 
 
-def config_summary(config: TrainConfig) -> dict:
+def config_summary(config: TrainConfig, stage_keys: tuple[str, ...] = ()) -> dict:
     """What a bundle's provenance records of the run that made it (the network: its preset, or the
-    bundle it started from)."""
+    bundle it started from, and the keys its stage names)."""
     keys = ["stage", "init" if config.init else "preset", "crop", "scale", "degradation", "batch_size",
-            "learning_rate", "max_steps", "seed"]
-    keys += {"meanflow": ["boundary_fraction", "fixed_interval_fraction"],
-             "refine": ["refine_steps", "weight_l2", "weight_perceptual", "weight_gan", "weight_vsd"]}.get(config.stage, [])
+            "learning_rate", "max_steps", "seed", *stage_keys]
     return {k: getattr(config, k) for k in keys}

@@ -34,7 +34,7 @@ from accelerate.utils import set_seed  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from smfsr_trainer.checkpoints import checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
-from smfsr_trainer.config import TrainConfig, dump, load_config  # noqa: E402
+from smfsr_trainer.config import LR_SCHEDULES, TrainConfig, dump, load_config  # noqa: E402
 from smfsr_trainer.data import EpochSampler, SRPairs  # noqa: E402
 from smfsr_trainer.ema import EMA  # noqa: E402
 from smfsr_trainer.networks import Networks  # noqa: E402
@@ -51,6 +51,7 @@ class Player:
     name: str
     model: torch.nn.Module  # as prepared by accelerate
     optimizer: torch.optim.Optimizer
+    scheduler: Any  # its learning-rate schedule (saved and restored with the checkpoints)
     loss: Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
     @property
@@ -65,9 +66,11 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         log_with = "tensorboard"
     except ImportError:
         log_with = None
+    # the schedulers step once per optimisation step, whatever the number of processes (the loop steps them)
     return Accelerator(mixed_precision=config.mixed_precision,
                        gradient_accumulation_steps=config.gradient_accumulation_steps, log_with=log_with,
-                       project_dir=str(Path(config.output_dir) / config.stage), cpu=not torch.cuda.is_available())
+                       project_dir=str(Path(config.output_dir) / config.stage), cpu=not torch.cuda.is_available(),
+                       step_scheduler_with_optimizer=False)
 
 
 def step_generator(config: TrainConfig, micro: int, rank: int) -> torch.Generator:
@@ -80,15 +83,42 @@ def adamw(model: torch.nn.Module, lr: float, config: TrainConfig) -> torch.optim
     return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=config.weight_decay)
 
 
+def lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig):
+    """Linear warmup over lr_warmup_steps, then constant, cosine or linear decay to max_steps."""
+    from diffusers.optimization import get_scheduler
+
+    return get_scheduler(LR_SCHEDULES[config.lr_schedule], optimizer, num_warmup_steps=config.lr_warmup_steps,
+                         num_training_steps=config.max_steps)
+
+
+def at_step(scheduler, step: int) -> None:
+    """The learning rates of this run's schedule at ``step``: a resumed run may have a larger
+    max_steps than the one that saved the checkpoint, and its rates follow its own schedule."""
+    rates = [base * rule(step) for base, rule in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, rate in zip(scheduler.optimizer.param_groups, rates):
+        group["lr"] = rate
+    scheduler.last_epoch, scheduler._last_lr = step, rates
+
+
 def prepare_players(stage: Stage, config: TrainConfig, nets: Networks, accelerator: Accelerator) -> list[Player]:
     chosen = stage.trained(config, nets)
+    n = len(chosen)
     optimizers = [adamw(model, lr, config) for _, model, lr in chosen]
-    prepared = accelerator.prepare(*(model for _, model, _ in chosen), *optimizers)
+    schedulers = [lr_schedule(optimizer, config) for optimizer in optimizers]
+    prepared = accelerator.prepare(*(model for _, model, _ in chosen), *optimizers, *schedulers)
     prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-    models = dict(zip((name for name, _, _ in chosen), prepared[: len(chosen)]))
+    models = dict(zip((name for name, _, _ in chosen), prepared[:n]))
     losses = stage.losses(config, nets, models)
-    return [Player(name, models[name], optimizer, losses[name])
-            for (name, _, _), optimizer in zip(chosen, prepared[len(chosen):])]
+    return [Player(name, models[name], optimizer, scheduler, losses[name])
+            for (name, _, _), optimizer, scheduler in zip(chosen, prepared[n:2 * n], prepared[2 * n:])]
+
+
+def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
+    """Each value averaged over all processes (every process logs at the same steps)."""
+    if accelerator.num_processes == 1 or not values:
+        return values
+    local = torch.tensor([float(v) for v in values.values()], device=accelerator.device)
+    return dict(zip(values, accelerator.reduce(local, reduction="mean").tolist()))
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -142,6 +172,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     config, args = load_config(argv)
     stage = get_stage(config.stage)
+    stage.check(config)
     out = Path(config.output_dir) / config.stage  # checkpoints and logs of this stage
     accelerator = make_accelerator(config)
     set_seed(config.seed)
@@ -150,9 +181,7 @@ def main(argv: list[str] | None = None) -> Path | None:
     for frozen in nets.frozen_modules():
         frozen.to(device)
     ema = EMA(nets.trained, config.ema_decay)
-    # the vae stage uses only HR crops: skip the costly degradation
-    degradation = "bicubic" if config.stage == "vae" else config.degradation
-    dataset = SRPairs(config.train_dir, crop=config.crop, scale=config.scale, degradation=degradation,
+    dataset = SRPairs(config.train_dir, crop=config.crop, scale=config.scale, degradation=stage.degradation(config),
                       lr_dir=config.lr_dir, seed=config.seed)
     if len(dataset) < config.batch_size * accelerator.num_processes:
         raise SystemExit(f"data: {len(dataset)} images cannot fill one batch of {config.batch_size} on each of "
@@ -168,6 +197,8 @@ def main(argv: list[str] | None = None) -> Path | None:
         found = checkpoints(out)
         if found:
             step, micro = load_checkpoint(accelerator, found[-1], ema)
+            for player in players:
+                at_step(player.scheduler.scheduler, step)
             accelerator.print(f"resumed from {found[-1]} at step {step}")
         elif args.export_only:
             raise SystemExit(f"no checkpoint in {out} to export")
@@ -213,12 +244,14 @@ def main(argv: list[str] | None = None) -> Path | None:
                 step += 1
                 ema.update(accelerator.unwrap_model(generator))
                 if step % config.log_every == 0 or step == config.max_steps:
-                    values = {"loss": sum(logged) / len(logged), **parts}
-                    accelerator.log({f"train/{k}": v for k, v in {**values, "lr": config.learning_rate}.items()},
-                                    step=step)
+                    values = mean_over_processes(accelerator, {"loss": sum(logged) / len(logged), **parts})
+                    lr = players[0].scheduler.get_last_lr()[0]  # the rate this step used
+                    accelerator.log({f"train/{k}": v for k, v in {**values, "lr": lr}.items()}, step=step)
                     accelerator.print(f"step {step}/{config.max_steps} {_format(values)} "
                                       f"({(time.time() - started) / (step - first_step):.2f} s/step)")
                     logged = []
+                for player in players:  # before a checkpoint, so a resumed run continues the schedule
+                    player.scheduler.step()
                 if config.val_dir and config.val_every and step % config.val_every == 0 and accelerator.is_main_process:
                     metrics, strip = stage.validate(config, nets, ema, device)
                     accelerator.log(metrics, step=step)

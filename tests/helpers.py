@@ -53,13 +53,26 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def cannot_import(python: str, modules: str) -> str | None:
+def cannot_import(python: str, modules: str, hint: str = "") -> str | None:
     """Why ``python`` cannot import ``modules`` (comma-separated), or None if it can."""
-    probe = subprocess.run([python, "-c", f"import {modules}"], capture_output=True, text=True)
+    try:
+        probe = subprocess.run([python, "-c", f"import {modules}"], capture_output=True, text=True)
+    except OSError as e:
+        return f"{python} cannot run ({e.strerror or e})"
     if probe.returncode == 0:
         return None
     last = probe.stderr.strip().splitlines()[-1] if probe.stderr.strip() else "unknown error"
-    return f"{python} cannot import {modules} ({last})"
+    return f"{python} cannot import {modules} ({last})" + (f"; {hint}" if hint else "")
+
+
+def host_marker(missing: str | None):
+    """Skip a host's tests with the reason it is missing. Under SMFSR_REQUIRE_HOSTS=1 (CI, which
+    sets the hosts up) a missing host is an error instead, so CI can never pass by skipping them."""
+    if missing and os.environ.get("SMFSR_REQUIRE_HOSTS") == "1":
+        raise RuntimeError(f"SMFSR_REQUIRE_HOSTS=1, but the host is missing: {missing}")
+    import pytest  # here: the hosts' Pythons import this module for library_result, without pytest
+
+    return pytest.mark.skipif(missing is not None, reason=missing or "")
 
 
 def reset_accelerate() -> None:

@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import DOOR_SEED, cannot_import, door_input, free_port, library_pixels
+from tests.helpers import DOOR_SEED, cannot_import, door_input, free_port, host_marker, library_pixels
 
 REPO = Path(__file__).resolve().parents[1]
 A1111_DIR = os.environ.get("A1111_DIR")
@@ -36,10 +36,11 @@ def _missing() -> str | None:
         return f"A1111_DIR={A1111_DIR} has no launch.py"
     if not (Path(A1111_DIR) / "repositories" / "stable-diffusion-stability-ai").is_dir():
         return f"A1111_DIR={A1111_DIR} lacks repositories/ (stable-diffusion-stability-ai, k-diffusion, ...)"
-    return cannot_import(A1111_PYTHON, "torch, gradio, fastapi, diffusers, safetensors")
+    return cannot_import(A1111_PYTHON, "torch, gradio, fastapi, diffusers, safetensors",
+                         hint=f"run {A1111_PYTHON} install.py")
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+pytestmark = host_marker(_missing())
 
 
 def _call(url: str, payload: dict | None = None):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 import shutil
 
+import pytest
 import torch
 from PIL import Image
 from safetensors.torch import save_file
@@ -75,8 +76,24 @@ def test_scripts_folder_only_imports_the_extension():
 
 
 def test_runtime_settings_and_a_low_vram_web_ui_swap_blocks():
-    assert logic.runtime({}, lowvram=False) == {"weights": "auto", "block_swap": 0}
-    assert logic.runtime({}, lowvram=True) == {"weights": "auto", "block_swap": "auto"}  # --lowvram / --medvram
-    assert logic.runtime({"smfsr_weights": "fp8", "smfsr_block_swap": 8}, lowvram=True) == {"weights": "fp8",
-                                                                                         "block_swap": 8}
-    assert logic.runtime({"smfsr_block_swap": -1}, lowvram=False)["block_swap"] == "auto"
+    from smfsr.runtime import Runtime
+
+    assert logic.runtime({}, "cpu", no_half=False, lowvram=False) == Runtime("cpu", "auto", "auto", 0)
+    assert logic.runtime({}, "cpu", no_half=True, lowvram=True) == Runtime("cpu", "fp32", "auto", "auto")  # --lowvram
+    fp8 = logic.runtime({"smfsr_weights": "fp8_e4m3fn", "smfsr_block_swap": 8}, "cpu", no_half=False, lowvram=True)
+    assert (fp8.weights, fp8.block_swap) == ("fp8_e4m3fn", 8)
+    assert fp8.resolved().weights == "fp8"  # the core's one name for it; the old setting value "fp8" works too
+    assert logic.runtime({"smfsr_weights": "fp8"}, "cpu", False, False).resolved().weights == "fp8"
+    assert logic.runtime({"smfsr_block_swap": -1}, "cpu", False, False).block_swap == "auto"
+
+
+def test_messages_name_the_web_uis_settings():
+    from smfsr.errors import SMFSRError, door_message
+    from smfsr.options import UpscaleOptions
+    from smfsr.checkpoint.defaults import PipelineDefaults
+
+    with pytest.raises(SMFSRError) as error:
+        UpscaleOptions(steps=2).resolve(PipelineDefaults(max_steps=1), 2)
+    assert "--steps" in str(error.value)  # the command line's words by default
+    message = door_message(error.value, logic.SETTING_NAMES)
+    assert "Settings > Upscaling > 'SMFSR steps' to 1" in message and "--steps" not in message

@@ -114,3 +114,43 @@ def test_in_a_real_browser(app, tmp_path):
         driver.save_screenshot(str(ARTIFACTS / "app.png"))
     finally:
         driver.quit()
+
+
+def test_the_readmes_gradio_client_example_runs_as_written(app, tmp_path):
+    """The README's example, with only the address, the photo and the model name changed to this app's."""
+    import re
+
+    readme = (REPO / "README.md").read_text()
+    example = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "gradio_client" in block)
+    Image.fromarray(photo_like(40, 56)).save(tmp_path / "photo.png")
+    code = (example.replace("http://127.0.0.1:7860/", app).replace('"photo.png"', repr(str(tmp_path / "photo.png")))
+            .replace("SMFSR x4 (smfsr-small-x4)", "SMFSR x4 (tiny)"))
+    scope: dict = {}
+    exec(compile(code, "README.md", "exec"), scope)
+    assert scope["status"].startswith("Upscaled 1 of 1")
+    assert Image.open(scope["pngs"][0]).size == (224, 160)
+
+
+def test_app_errors_are_one_line_without_temporary_paths(app, tmp_path):
+    from gradio_client import Client, handle_file
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + b"x" * 64)
+    client = Client(app, verbose=False)
+    with pytest.raises(Exception) as error:
+        client.predict([handle_file(str(bad))], "SMFSR x4 (tiny)", 4, 0, 0, 0, "auto", api_name="/upscale")
+    message = str(error.value)
+    assert "broken.png" in message and "/tmp/" not in message and "Traceback" not in message
+    with pytest.raises(Exception, match="the Latent tile slider 3 must be a multiple of the model's patch size"):
+        client.predict([handle_file(str(bad))], "SMFSR x4 (tiny)", 4, 0, 0, 3, "auto", api_name="/upscale")
+
+
+def test_the_sliders_follow_the_models_limits():
+    from smfsr.app import slider_limits
+    from smfsr.checkpoint.catalog import find_models
+    from smfsr.checkpoint.default_model import REPO_MODELS
+
+    shipped = {e.path.stem: e for e in find_models([REPO_MODELS])}
+    steps, tile = slider_limits(shipped["smfsr-small-x4"])
+    assert steps["maximum"] == 1 and "one step only" in steps["label"]  # a one-step model offers 0 or 1
+    assert tile["step"] == 4 and tile["maximum"] % 4 == 0  # its patch size

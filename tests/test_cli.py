@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from smfsr.cli import main, shard
+from smfsr.batch import plan
+from smfsr.cli import main
 from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
 from tests.helpers import photo_like
 
@@ -120,9 +121,12 @@ def test_missing_default_model_says_what_to_do(tmp_path, sample_png, monkeypatch
 
 
 def test_inputs_are_split_across_processes(tmp_path, tiny_bundle_path, monkeypatch):
-    assert shard(list(range(7)), 1, 3) == [1, 4]
     src = tmp_path / "in"
     write_images(src, 5)
+    shares = [plan([str(src)], str(tmp_path / "o"), overwrite=False, skip_existing=False, rank=r, world=3).todo
+              for r in range(3)]
+    assert [[job.source.name for job in share] for share in shares] == [["img0.png", "img3.png"],
+                                                                         ["img1.png", "img4.png"], ["img2.png"]]
     out = tmp_path / "out"
     for rank in (0, 1):  # what `accelerate launch --num_processes 2` sets for each process
         monkeypatch.setenv("RANK", str(rank))

@@ -55,10 +55,10 @@ USAGE = [
     (["good.png", "-o", "out/x.png", "--scale", "17"], 2, "scale must be greater than 0 and at most 16"),
     (["good.png", "-o", "out/x.png", "--steps", "0"], 2, "--steps must be at least 1"),
     (["good.png", "-o", "out/x.png", "--tile-size", "16", "--tile-overlap", "20"], 2,
-     "tile overlap (20) must be smaller than the tile size (16)"),
+     "--tile-overlap (20) must be smaller than --tile-size (16)"),
     (["good.png", "-o", "out/x.png", "--device", "tpu"], 2, "unknown device 'tpu'"),
     (["good.png", "-o", "out/x.png", "--dtype", "int8"], 2, "invalid choice: 'int8'"),
-    (["good.png", "-o", "out/x.png", "--vae-tile", "huge"], 2, "VAE tile must be 'auto', 'off' or a number"),
+    (["good.png", "-o", "out/x.png", "--vae-tile", "huge"], 2, "--vae-tile must be 'auto', 'off' or a number"),
     (["good.png", "-o", "a-file/x.png"], 2, "cannot write to the output folder"),
     (["good.png", "-o", "out/x.png", "--overwrite", "--skip-existing"], 2, "not allowed with argument"),
 ]

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import DOOR_SEED, cannot_import, door_input, free_port, library_result, photo_like, \
+from tests.helpers import DOOR_SEED, cannot_import, door_input, free_port, host_marker, library_result, photo_like, \
     truncation_mismatches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -35,10 +35,13 @@ def _missing() -> str | None:
         return "COMFYUI_DIR is not set (point it at a ComfyUI checkout to run the ComfyUI integration tests)"
     if not (Path(COMFYUI_DIR) / "main.py").exists():
         return f"COMFYUI_DIR={COMFYUI_DIR} has no main.py"
-    return cannot_import(COMFYUI_PYTHON, "torch, torchvision, aiohttp, smfsr")
+    # the pack's own requirements, as install.py puts them in the host's venv (smfsr itself comes from
+    # the pack's folder, which ComfyUI puts on the path)
+    return cannot_import(COMFYUI_PYTHON, "torch, torchvision, aiohttp, diffusers, safetensors",
+                         hint=f"run {COMFYUI_PYTHON} install.py")
 
 
-pytestmark = pytest.mark.skipif(_missing() is not None, reason=_missing() or "")
+pytestmark = host_marker(_missing())
 
 
 class Comfy:
@@ -121,11 +124,15 @@ def comfy(tmp_path_factory, tiny_bundle_path):
 
 
 def api_workflow(name: str, **changes) -> dict:
+    """A shipped API workflow with widget values changed; a change no node takes is a test bug."""
     prompt = json.loads((REPO / "workflows" / "api" / f"{name}.json").read_text())
+    used = set()
     for node in prompt.values():
         for key, value in changes.items():
             if key in node["inputs"] and not isinstance(node["inputs"][key], list):
                 node["inputs"][key] = value
+                used.add(key)
+    assert used == set(changes), f"no node of {name} has {set(changes) - used}"
     return prompt
 
 
@@ -145,6 +152,14 @@ def test_every_node_is_registered_with_tooltips_and_the_workflow_widget_order(co
     spec = info["SMFSRModelLoader"]["input"]["required"]["model_name"]
     options = spec[1]["options"] if spec[0] == "COMBO" else spec[0]  # V3 combos: ("COMBO", {"options": [...]})
     assert "tiny.safetensors" in options and "broken.safetensors" in options
+    assert {"smfsr-small-x4.safetensors", "smfsr-small-x4-q.safetensors"} <= set(options)  # shipped, by name
+    assert spec[1]["default"] == "smfsr-small-x4.safetensors"  # a new loader starts on the default model
+    assert info["SMFSRModelLoader"]["input"]["required"]["weights"][1]["options"] == ["auto", "fp8_e4m3fn"]
+    # two tiles, two names, each tooltip saying its unit
+    sampler = info["SMFSRSampler"]["input"]["required"]
+    assert "latent cells" in sampler["latent_tile"][1]["tooltip"]
+    assert "latent cells" in info["SMFSRTiledVAEDecode"]["input"]["required"]["vae_tile"][1]["tooltip"]
+    assert "take exactly 1" in sampler["steps"][1]["tooltip"]
     assert not any(o.endswith((".json", ".md")) for o in options)  # the folder is filtered to safetensors
 
 
@@ -173,6 +188,11 @@ def test_the_nodes_called_in_comfyuis_python_chain_to_the_one_node_result(tiny_b
                          capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     assert "modular == one node: True" in run.stdout and "one node == library: True" in run.stdout, run.stdout
+    assert "rebuilt latent: lr_latent has lost SMFSR's posterior variance" in run.stdout, run.stdout
+    assert "connect SMFSR LR Encode's lr_latent directly to SMFSR Sampler" in run.stdout
+    assert "two steps: this model was trained for 1 step(s) only" in run.stdout, run.stdout
+    assert "set the steps widget to 1" in run.stdout and "--steps" not in run.stdout  # in ComfyUI's terms
+    assert "shipped by name: smfsr-small-x4 1" in run.stdout, run.stdout
 
 
 NODE_SCRIPT = """
@@ -202,6 +222,16 @@ library = SMFSRUpscaler.from_pretrained(model, device="cpu", dtype="fp32").upsca
 print("shapes", tuple(chain.shape), tuple(one.shape))
 print("modular == one node:", torch.equal(chain, one))
 print("one node == library:", torch.equal(one, library.movedim(1, -1)))
+try:  # a LATENT rebuilt by another node ({"samples": ...} only) lost the posterior variance
+    SMFSRSampler.execute(m, {"samples": lr["samples"]}, 7, 0, 0, 0)
+except RuntimeError as e:
+    print("rebuilt latent:", e)
+shipped = SMFSRModelLoader.execute("smfsr-small-x4", "fp32").result[0]  # a shipped model's bare name
+print("shipped by name:", shipped.name, shipped.bundle.defaults.max_steps)
+try:  # a one-step model refuses more, saying so in ComfyUI's terms
+    SMFSRSampler.execute(shipped, SMFSRLREncode.execute(image, shipped, 0).result[0], 7, 2, 0, 0)
+except RuntimeError as e:
+    print("two steps:", e)
 """
 
 
@@ -235,8 +265,8 @@ def test_a_broken_model_file_gives_a_node_error_naming_it(comfy):
 
 
 def test_interrupt_stops_a_tiled_run(comfy):
-    prompt = api_workflow("smfsr_upscale", model_name="tiny.safetensors", image="large.png", tile_size=4,
-                          tile_overlap=0, steps=20, seed=7)
+    prompt = api_workflow("smfsr_upscale", model_name="tiny.safetensors", image="large.png", latent_tile=4,
+                          latent_tile_overlap=0, steps=20, seed=7)
     status, reply = comfy.post("/prompt", {"prompt": prompt, "client_id": "smfsr-tests"})
     assert status == 200
     deadline = time.time() + 60

@@ -212,7 +212,7 @@ def test_bad_inputs_give_clear_errors(upscaler):
         upscaler(Image.new("RGB", (1, 1)))
     with pytest.raises(SMFSRError, match=r"\[0, 1\]"):
         upscaler(torch.full((1, 3, 16, 16), 2.0))
-    with pytest.raises(SMFSRError, match="colour fix"):
+    with pytest.raises(SMFSRError, match="unknown --color-fix .sepia.; choose one of adain, wavelet, none"):
         upscaler(image(), UpscaleOptions(color_fix="sepia"))
     with pytest.raises(SMFSRError, match="multiple of the model's patch size"):
         upscaler(image(), UpscaleOptions(tile_size=7))

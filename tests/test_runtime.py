@@ -166,7 +166,7 @@ def test_block_swap_without_a_gpu_is_a_no_op_said_once(caplog, tiny_bundle_path)
     blocks = up.transformer.transformer_blocks
     with pytest.raises(SMFSRError, match="swap 0..2 of them, not 5"):
         swap_count(5, blocks, torch.device("cuda"))
-    with pytest.raises(SMFSRError, match="block swap must be a number of blocks or 'auto'"):
+    with pytest.raises(SMFSRError, match="--block-swap must be a number of blocks or 'auto'"):
         SMFSRUpscaler.from_pretrained(tiny_bundle_path, device="cpu", block_swap="lots")
 
 
@@ -190,6 +190,7 @@ def test_gui_settings_map_to_one_runtime():
     assert Runtime.from_widgets(block_swap=-1).block_swap == "auto"
     assert Runtime.from_widgets(low_memory=True).block_swap == "auto"  # --lowvram and the like
     assert Runtime.from_widgets(block_swap=8, low_memory=True).block_swap == 8  # an explicit count wins
-    assert Runtime.from_widgets(weights="fp8_e4m3fn").weights == "fp8"
-    with pytest.raises(SMFSRError, match="weights must be one of"):
-        Runtime.from_widgets(weights="int4").check()
+    assert Runtime.from_widgets(weights="fp8_e4m3fn").resolved().weights == "fp8"  # one name in the core
+    assert Runtime.from_widgets(weights="fp8").resolved().weights == "fp8"  # the short name works too
+    with pytest.raises(SMFSRError, match="--weights must be one of"):
+        Runtime.from_widgets(weights="int4").resolved()

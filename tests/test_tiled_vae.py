@@ -135,7 +135,7 @@ def test_bad_inputs(tiny):
         tiled_decode(tiny, torch.randn(1, 16, 16, 16), VAETiling(tile=16))
     with pytest.raises(SMFSRError, match="must be a multiple of 8"):
         tiled_encode_moments(tiny, torch.rand(1, 3, 60, 64), VAETiling(tile=4))
-    with pytest.raises(SMFSRError, match="at least 1 latent px"):
+    with pytest.raises(SMFSRError, match="at least 1 latent cell"):
         VAETiling(tile=0)
 
 

@@ -94,14 +94,23 @@ def test_gradients_reach_only_what_trains(teacher_run, photos, tmp_path):
     assert all(p.grad is None for p in nets.codec.vae.parameters())
 
 
-def test_resume_continues_exactly(photos, tmp_path):
+def test_resume_continues_exactly(photos, tmp_path, capsys):
+    """With a warmup + cosine learning-rate schedule: the schedule resumes where it stopped too."""
+    schedule = ["--lr-schedule", "cosine", "--lr-warmup-steps", "3", "--log-every", "1"]
     straight, broken = tmp_path / "straight", tmp_path / "broken"
-    train(photos, straight, "--max-steps", "8", "--checkpoint-every", "4")
-    train(photos, broken, "--max-steps", "4", "--checkpoint-every", "4")  # "killed" after step 4
+    train(photos, straight, "--max-steps", "8", "--checkpoint-every", "4", *schedule)
+    train(photos, broken, "--max-steps", "4", "--checkpoint-every", "4", *schedule)  # "killed" after step 4
     (broken / "flow.safetensors").unlink()
     os.makedirs(broken / "flow" / ".checkpoint-00000006.tmp")  # a save interrupted mid-write is ignored
     opt_before = torch.load(broken / "flow" / "checkpoint-00000004" / "optimizer.bin", weights_only=True)
-    train(photos, broken, "--max-steps", "8", "--checkpoint-every", "4", "--resume")
+    capsys.readouterr()
+    train(photos, broken, "--max-steps", "8", "--checkpoint-every", "4", "--resume", *schedule)
+    assert "resumed from" in capsys.readouterr().out
+    # the schedule at every step of the resumed run, as the straight run logged it (warmup, then cosine)
+    lrs = {run: [float(v) for v in tb_scalars(run / "flow", "train/lr")] for run in (straight, broken)}
+    assert len(lrs[straight]) == 8 and lrs[broken][-4:] == lrs[straight][-4:]
+    assert lrs[straight][0] < lrs[straight][1] < lrs[straight][3]  # warmup: 0, 1/3, 2/3, then the full rate
+    assert lrs[straight][3] > lrs[straight][5] > lrs[straight][7] > 0  # cosine decay
     opt_at_4 = torch.load(straight / "flow" / "checkpoint-00000004" / "optimizer.bin", weights_only=True)
     for a, b in zip(opt_before["state"].values(), opt_at_4["state"].values()):
         assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
@@ -109,6 +118,65 @@ def test_resume_continues_exactly(photos, tmp_path):
     b = load_file(str(broken / "flow.safetensors"))
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+
+
+def tb_scalars(folder: Path, tag: str) -> list[float]:
+    """The values of one scalar in a run's tensorboard logs, by step (the last write of each step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    by_step = {}
+    for events in sorted(folder.rglob("events.out.tfevents.*")):
+        acc = EventAccumulator(str(events))
+        acc.Reload()
+        if tag in acc.Tags()["scalars"]:
+            by_step.update({e.step: e.value for e in acc.Scalars(tag)})
+    return [by_step[k] for k in sorted(by_step)]
+
+
+def test_the_trainer_conditions_on_the_lr_latent_the_pipeline_makes(tiny_bundle_path):
+    """The same LR image and seed give the trainer and the pipeline the same LR latent (bicubic to
+    the working size, then the posterior sample from the seed), read where the network gets it."""
+    from smfsr.checkpoint import load_bundle
+    from smfsr.codec import LatentCodec
+    from smfsr_trainer.networks import LR_LATENT, Networks, encode
+
+    upscaler = SMFSRUpscaler.from_pretrained(tiny_bundle_path, device="cpu", dtype="fp32")
+    assert upscaler.defaults.lr_latent == LR_LATENT == "sample"
+    lr = torch.rand(1, 3, 32, 48, generator=torch.Generator().manual_seed(1))
+    seen = []
+    upscaler.transformer.register_forward_hook(lambda module, args, out: seen.append(args[1].clone()))
+    upscaler.upscale_tensor(lr, UpscaleOptions(seed=11, tile_size=0))
+    bundle = load_bundle(tiny_bundle_path)
+    d = bundle.defaults
+    nets = Networks(bundle.transformer, codec=LatentCodec(d.vae_scaling_factor, d.vae_shift_factor, bundle.vae),
+                    prompt=(bundle.prompt_embeds, bundle.prompt_pooled))
+    hr = torch.zeros(1, 3, *upscaler.working_size(32, 48))
+    g = torch.Generator().manual_seed(0)  # the trainer draws each image's seed from the step's generator
+    seed = int(torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(0)))
+    _, cond = encode(nets, {"hr": hr, "lr": lr}, torch.device("cpu"), g)
+    upscaler.upscale_tensor(lr, UpscaleOptions(seed=seed, tile_size=0))
+    assert cond.lr_latent.shape == seen[-1].shape
+    assert torch.allclose(cond.lr_latent, seen[-1].float(), atol=1e-6)
+    assert not torch.allclose(seen[0], seen[-1])  # the seed matters: the posterior is sampled, not its mean
+
+
+def test_stage_facts_live_in_the_stages():
+    """No `config.stage ==` decision outside smfsr_trainer/stages/: each stage says what it needs."""
+    from smfsr_trainer.stages import get_stage
+
+    offenders = [f"{p.relative_to(REPO)}:{i}" for p in (REPO / "smfsr_trainer").rglob("*.py")
+                 if "stages" not in p.parts
+                 for i, line in enumerate(p.read_text().splitlines(), 1)
+                 if "config.stage ==" in line or "config.stage in" in line]
+    assert offenders == []
+    assert [get_stage(n).default_steps for n in ("flow", "meanflow", "refine")] == [25, 1, 1]
+
+
+def test_a_stage_that_needs_a_teacher_says_so_before_building(photos, tmp_path):
+    with pytest.raises(SystemExit, match="stage meanflow needs a flow teacher .* train stage flow first"):
+        train(photos, tmp_path / "empty", "--stage", "meanflow")
+    with pytest.raises(SystemExit, match="lr_schedule must be one of constant, cosine, linear"):
+        train(photos, tmp_path / "empty", "--lr-schedule", "step")
 
 
 def test_export_only_writes_the_latest_checkpoints_ema(teacher_run, photos, tmp_path):

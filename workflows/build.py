@@ -26,10 +26,10 @@ WIDGETS = {
     "Note": ["text"],
     "SMFSRModelLoader": ["model_name", "dtype", "weights", "block_swap", "compile"],
     "SMFSRLREncode": ["vae_tile"],
-    "SMFSRSampler": ["seed", "steps", "tile_size", "tile_overlap"],
-    "SMFSRTiledVAEDecode": ["tile_size"],
+    "SMFSRSampler": ["seed", "steps", "latent_tile", "latent_tile_overlap"],
+    "SMFSRTiledVAEDecode": ["vae_tile"],
     "SMFSRColorFix": ["color_fix", "scale"],
-    "SMFSRUpscale": ["scale", "seed", "steps", "tile_size", "tile_overlap", "color_fix", "vae_tile"],
+    "SMFSRUpscale": ["scale", "seed", "steps", "latent_tile", "latent_tile_overlap", "color_fix", "vae_tile"],
 }
 SEEDS = {"seed"}
 # Socket inputs and outputs (name, type), in declaration order.
@@ -108,7 +108,7 @@ def ui_format(nodes: list[Node], note: str) -> dict:
 
 
 DEFAULT_MODEL = "smfsr-small-x4.safetensors"
-MODEL_DEFAULTS = {"steps": 0, "tile_size": 0, "tile_overlap": 0}  # 0: what the model stores
+MODEL_DEFAULTS = {"steps": 0, "latent_tile": 0, "latent_tile_overlap": 0}  # 0: what the model stores
 LOADER = {"dtype": "auto", "weights": "auto", "block_swap": 0, "compile": False}
 
 
@@ -130,7 +130,7 @@ def modular_default() -> list[Node]:
         Node(2, "SMFSRModelLoader", {"model_name": DEFAULT_MODEL, **LOADER}, (0, 350)),
         Node(3, "SMFSRLREncode", {"vae_tile": 0}, (400, 0), {"image": (1, 0), "smfsr_model": (2, 0)}),
         Node(4, "SMFSRSampler", {"seed": 0, **MODEL_DEFAULTS}, (800, 0), {"smfsr_model": (2, 0), "lr_latent": (3, 0)}),
-        Node(5, "SMFSRTiledVAEDecode", {"tile_size": 0}, (1200, 0), {"samples": (4, 0), "smfsr_model": (2, 0)}),
+        Node(5, "SMFSRTiledVAEDecode", {"vae_tile": 0}, (1200, 0), {"samples": (4, 0), "smfsr_model": (2, 0)}),
         Node(6, "SMFSRColorFix", {"color_fix": "auto", "scale": 0.0}, (1600, 0),
              {"image": (5, 0), "reference": (1, 0), "smfsr_model": (2, 0)}),
         Node(7, "SaveImage", {"filename_prefix": "smfsr_modular"}, (2000, 0), {"images": (6, 0)}),
@@ -161,7 +161,7 @@ def sd35() -> list[Node]:
         Node(5, "SMFSRLREncode", {"vae_tile": 0}, (400, 0), {"image": (4, 0), "smfsr_model": (3, 0), "vae": (1, 2)}),
         Node(6, "SMFSRSampler", {"seed": 0, **MODEL_DEFAULTS}, (800, 0),
              {"smfsr_model": (3, 0), "lr_latent": (5, 0), "conditioning": (2, 0)}),
-        Node(7, "SMFSRTiledVAEDecode", {"tile_size": 0}, (1200, 0), {"samples": (6, 0), "vae": (1, 2)}),
+        Node(7, "SMFSRTiledVAEDecode", {"vae_tile": 0}, (1200, 0), {"samples": (6, 0), "vae": (1, 2)}),
         Node(8, "SMFSRColorFix", {"color_fix": "auto", "scale": 0.0}, (1600, 0),
              {"image": (7, 0), "reference": (4, 0), "smfsr_model": (3, 0)}),
         Node(9, "SaveImage", {"filename_prefix": "smfsr_sd35"}, (2000, 0), {"images": (8, 0)}),

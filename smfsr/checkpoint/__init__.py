@@ -1,18 +1,29 @@
-"""Model files: safe reading (``safe_read``), networks checked and built from configs (``build``),
-SMFSR bundles (``bundle``), the official release's layout and diffusers VAEs (``official``), the
-``smfsr info`` text (``describe``), models found in folders (``catalog``) and the default model
-(``default_model``). Only safetensors is ever read."""
+"""Model files: safe reading (``safe_read``), what a file or folder says about itself without torch
+(``peek``, ``defaults``), networks checked and built from configs (``build``), SMFSR bundles
+(``bundle``), the official release's layout and diffusers VAEs (``official``), the ``smfsr info``
+text (``describe``), models found in folders (``catalog``) and shipped models by name
+(``default_model``). Only safetensors is ever read.
 
-from .build import OPTIONAL_TRANSFORMER_KEYS, build_transformer, build_vae, check_state, expected_shapes
-from .bundle import Bundle, BundleInfo, PipelineDefaults, is_bundle, load_bundle, read_bundle_info, read_prompt_file, \
-    save_bundle, to_device
-from .official import import_official_transformer, import_vae, infer_vae_config, is_official_folder, load_model, \
-    peek_model
-from .safe_read import read_header, refuse_pickle
+The names below are imported on first use, so ``import smfsr.checkpoint.peek`` (what a door needs
+to check a model before loading it) does not import torch."""
 
-__all__ = [
-    "OPTIONAL_TRANSFORMER_KEYS", "Bundle", "BundleInfo", "PipelineDefaults", "build_transformer", "build_vae",
-    "check_state", "expected_shapes", "import_official_transformer", "import_vae", "infer_vae_config",
-    "is_bundle", "is_official_folder", "load_bundle", "load_model", "peek_model", "read_bundle_info", "read_header",
-    "read_prompt_file", "refuse_pickle", "save_bundle", "to_device",
-]
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "build": ["OPTIONAL_TRANSFORMER_KEYS", "build_transformer", "build_vae", "check_state", "expected_shapes"],
+    "bundle": ["Bundle", "load_bundle", "read_prompt_file", "save_bundle", "to_device"],
+    "defaults": ["PipelineDefaults"],
+    "official": ["import_official_transformer", "import_vae", "infer_vae_config", "load_model"],
+    "peek": ["BundleInfo", "is_bundle", "is_official_folder", "peek_model", "read_bundle_info"],
+    "safe_read": ["read_header", "refuse_pickle"],
+}
+_MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)

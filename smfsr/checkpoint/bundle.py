@@ -22,32 +22,9 @@ from ..atomic import write_atomically
 from ..errors import CheckpointError
 from .build import OPTIONAL_TRANSFORMER_KEYS, build_transformer, build_vae, check_state, expected_shapes, \
     fill_transformer, load_into
-from .safe_read import Header, load_tensors, read_header
-
-FORMAT_VERSION = 1
-
-
-@dataclass
-class PipelineDefaults:
-    """How a model is meant to be run; stored with it and overridable at every door."""
-
-    upscale: int = 4
-    steps: int = 1
-    process_size: int = 512  # official: LR images are first resized so min side >= process_size / upscale
-    vae_scaling_factor: float = 1.5305
-    vae_shift_factor: float = 0.0609
-    latent_tile: int = 64  # official: 64 latent px (512 px), overlap 24
-    latent_overlap: int = 24
-    color_fix: str = "adain"
-    lr_latent: str = "sample"  # official: the LR posterior is sampled, not its mode
-    flow_shift: float = 3.0  # Euler time shift when the model is a flow teacher (SD3.5: 3.0)
-    prompt: str = ""
-    max_steps: int = 0  # 0: any number of steps works; 1: a one-step-only model (doors refuse more)
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "PipelineDefaults":
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: v for k, v in values.items() if k in known})
+from .defaults import PipelineDefaults
+from .peek import FORMAT_VERSION, read_bundle_info
+from .safe_read import load_tensors, read_header
 
 
 @dataclass
@@ -62,59 +39,6 @@ class Bundle:
     license: str = ""
     provenance: str = ""
     source: str = ""
-
-
-@dataclass
-class BundleInfo:
-    """What a bundle's header says, read without loading a tensor (for ``smfsr info`` and for
-    checking a door's options before the weights load)."""
-
-    path: Path
-    transformer_config: dict[str, Any]
-    vae_config: dict[str, Any] | None
-    defaults: PipelineDefaults
-    header: Header
-    metadata: dict[str, str]
-
-    @property
-    def has_prompt(self) -> bool:
-        return "prompt.embeds" in self.header
-
-    @property
-    def weights(self) -> dict[str, Any]:
-        """How the transformer's weights are stored: {} (as their dtype says) or fp8 with its scales."""
-        return _meta_json(self.metadata, "smfsr_weights", self.path) or {}
-
-
-def is_bundle(metadata: dict[str, str]) -> bool:
-    return "smfsr_format" in metadata
-
-
-def _meta_json(metadata: dict[str, str], key: str, path: Path) -> Any:
-    try:
-        return json.loads(metadata[key]) if key in metadata else None
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{path}: its metadata entry {key!r} is not valid JSON ({e}); re-export the file") from None
-
-
-def read_bundle_info(path: str | os.PathLike) -> BundleInfo:
-    path = Path(path)
-    metadata, header = read_header(path)
-    if not is_bundle(metadata):
-        hint = ""
-        if any(k.startswith("transformer_blocks.") for k in header):
-            hint = (" It looks like a bare transformer state dict (the official release's "
-                    "diffusion_pytorch_model.safetensors); pass the folder that holds transformer/config.json, "
-                    "or make a bundle with `smfsr convert`.")
-        raise CheckpointError(f"{path} is a safetensors file but not an SMFSR bundle (no smfsr metadata).{hint}")
-    version = int(metadata["smfsr_format"])
-    if version > FORMAT_VERSION:
-        raise CheckpointError(f"{path} uses bundle format {version}; this SMFSR reads up to {FORMAT_VERSION}. Upgrade SMFSR.")
-    t_config = _meta_json(metadata, "smfsr_transformer_config", path)
-    if t_config is None:
-        raise CheckpointError(f"{path}: bundle metadata lacks the transformer config; re-export the file")
-    return BundleInfo(path, t_config, _meta_json(metadata, "smfsr_vae_config", path),
-                      PipelineDefaults.from_dict(_meta_json(metadata, "smfsr_pipeline", path) or {}), header, metadata)
 
 
 def save_bundle(path: str | os.PathLike, bundle: Bundle, *, overwrite: bool = False,

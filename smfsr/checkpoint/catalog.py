@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import CheckpointError
-from .bundle import is_bundle
+from .peek import is_bundle, read_json
 from .safe_read import read_header
 
 
@@ -17,6 +17,8 @@ class ModelEntry:
     path: Path
     factor: int
     kind: str  # "bundle" | "official folder"
+    max_steps: int = 0  # 0: any number of steps; 1: a one-step-only model
+    patch: int = 2  # the transformer's patch size: latent tiles are multiples of it
 
     @property
     def name(self) -> str:
@@ -47,7 +49,11 @@ def find_models(folders: list[str | os.PathLike]) -> list[ModelEntry]:
 def _entry(path: Path) -> ModelEntry | None:
     if path.is_dir():
         if (path / "transformer" / "config.json").is_file():
-            return ModelEntry(path, 4, "official folder")  # the official release is x4
+            try:
+                patch = int(read_json(path / "transformer" / "config.json").get("patch_size", 2))
+            except CheckpointError:
+                return None
+            return ModelEntry(path, 4, "official folder", patch=patch)  # the official release is x4
         return None
     if path.suffix.lower() not in (".safetensors", ".sft"):
         return None
@@ -57,5 +63,9 @@ def _entry(path: Path) -> ModelEntry | None:
         return None
     if not is_bundle(metadata):
         return None
-    factor = json.loads(metadata.get("smfsr_pipeline", "{}")).get("upscale", 4)
-    return ModelEntry(path, int(factor), "bundle")
+    try:
+        pipeline = json.loads(metadata.get("smfsr_pipeline", "{}"))
+        patch = json.loads(metadata.get("smfsr_transformer_config", "{}")).get("patch_size", 2)
+    except json.JSONDecodeError:
+        return None
+    return ModelEntry(path, int(pipeline.get("upscale", 4)), "bundle", int(pipeline.get("max_steps", 0)), int(patch))

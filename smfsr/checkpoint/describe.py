@@ -6,15 +6,16 @@ import math
 import os
 from pathlib import Path
 
-from ..models.space_to_depth import is_space_to_depth
-from .bundle import PipelineDefaults, read_bundle_info
-from .official import load_model
+from .defaults import PipelineDefaults
+from .peek import is_space_to_depth, read_bundle_info
 from .safe_read import Header, read_header
 
 
 def describe(path: str | os.PathLike) -> str:
     path = Path(path)
-    if path.is_dir():
+    if path.is_dir():  # an official folder: its weights are read (header-only description is for bundles)
+        from .official import load_model
+
         bundle = load_model(path)
         header = {f"transformer.{k}": (tuple(v.shape), str(v.dtype)) for k, v in bundle.transformer.state_dict().items()}
         lines = [f"{path}: official folder layout"]

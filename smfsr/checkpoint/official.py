@@ -4,7 +4,6 @@ VAEs (folders or single files), and ``load_model``, which takes whatever a user 
 from __future__ import annotations
 
 import inspect
-import json
 import os
 from pathlib import Path
 from typing import Any
@@ -14,71 +13,16 @@ import torch
 from ..errors import CheckpointError
 from .build import OPTIONAL_TRANSFORMER_KEYS, build_transformer, build_vae, check_state, expected_shapes, \
     fill_transformer, load_into
-from .bundle import Bundle, PipelineDefaults, load_bundle, read_prompt_file, to_device
-from .safe_read import PICKLE_SUFFIXES, load_tensors, read_header, refuse_pickle
-
-OFFICIAL_WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: cannot read the config ({e})") from None
-
-
-def _find_weights(folder: Path) -> Path:
-    weights = folder / OFFICIAL_WEIGHTS
-    if weights.exists():
-        return weights
-    pickled = [p for p in folder.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES]
-    if pickled:
-        refuse_pickle(pickled[0])
-    shards = sorted(folder.glob("*.safetensors.index.json"))
-    if shards:
-        raise CheckpointError(f"{folder} holds a sharded checkpoint ({shards[0].name}); merge the shards into "
-                              f"{OFFICIAL_WEIGHTS} first")
-    raise CheckpointError(f"{folder}: expected the weights file {weights.name} beside config.json")
-
-
-def transformer_folder(folder: str | os.PathLike) -> Path:
-    """The folder holding the transformer's config.json: ``<dir>/transformer`` or ``<dir>`` itself."""
-    folder = Path(folder)
-    if (folder / "transformer").is_dir():
-        folder = folder / "transformer"
-    if not (folder / "config.json").exists():
-        raise CheckpointError(
-            f"{folder}: no config.json. Expected the official layout <dir>/transformer/config.json "
-            f"+ <dir>/transformer/{OFFICIAL_WEIGHTS} (as downloaded from the SMFSR release)."
-        )
-    return folder
-
-
-def official_transformer_config(folder: Path, shapes: dict[str, tuple[int, ...]] | None = None) -> dict[str, Any]:
-    """The official config.json plus our behaviour switches set to what the official weights expect.
-    SMFSR vs the DiT4SR teacher is told from the keys (``time_text_embed_interval.*``)."""
-    if shapes is None:
-        _, header = read_header(_find_weights(folder))
-        shapes = {k: v[0] for k, v in header.items()}
-    interval = any(k.startswith("time_text_embed_interval.") for k in shapes)
-    config = {
-        **_read_json(folder / "config.json"),
-        "interval_embedding": interval,
-        "time_scale": 1.0 if interval else 1000.0,
-        "lr_key_quirk": True,
-        "control_scale": 1.2,
-        "official_dead_modules": True,
-    }
-    config = {k: v for k, v in config.items() if not k.startswith("_")}
-    if "dual_attention_layers" in config:
-        config["dual_attention_layers"] = tuple(config["dual_attention_layers"])
-    return config
+from .bundle import Bundle, load_bundle, read_prompt_file, to_device
+from .defaults import SD35_VAE_SCALE, SD35_VAE_SHIFT, PipelineDefaults
+from .peek import find_weights, official_transformer_config, read_json, transformer_folder
+from .safe_read import load_tensors, read_header
 
 
 def import_official_transformer(folder: str | os.PathLike) -> torch.nn.Module:
     """An official SMFSR (or DiT4SR teacher) ``transformer/`` folder: config.json + weights."""
     folder = transformer_folder(folder)
-    weights = _find_weights(folder)
+    weights = find_weights(folder)
     _, header = read_header(weights)
     shapes = {k: v[0] for k, v in header.items()}
     config = official_transformer_config(folder, shapes)
@@ -104,7 +48,7 @@ def infer_vae_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     latent = shapes["decoder.conv_in.weight"][1]
     blocks = tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"][0] for i in levels)
     layers = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down_blocks.0.resnets.")})
-    scale, shift = (1.5305, 0.0609) if latent == 16 else (0.18215, 0.0)
+    scale, shift = (SD35_VAE_SCALE, SD35_VAE_SHIFT) if latent == 16 else (0.18215, 0.0)  # SD3.x or SD1.x
     return dict(
         in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=blocks,
         layers_per_block=layers, norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * len(blocks),
@@ -139,8 +83,8 @@ def import_vae(path: str | os.PathLike) -> torch.nn.Module:
     tensors = None
     if path.is_dir():
         folder = path / "vae" if (path / "vae").is_dir() else path
-        weights = _find_weights(folder)
-        config = _read_json(folder / "config.json") if (folder / "config.json").exists() else None
+        weights = find_weights(folder)
+        config = read_json(folder / "config.json") if (folder / "config.json").exists() else None
     else:
         weights, config = path, None
     _, header = read_header(weights)
@@ -164,10 +108,6 @@ def import_vae(path: str | os.PathLike) -> torch.nn.Module:
     return load_into(make, tensors if tensors is not None else load_tensors(weights))
 
 
-def is_official_folder(path: str | os.PathLike) -> bool:
-    return (Path(path) / "transformer" / "config.json").is_file()
-
-
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> Bundle:
     """Whatever a user points at: a bundle file, or an official folder (transformer/ [+ vae/])."""
@@ -179,25 +119,8 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         vae = import_vae(path) if (path / "vae").is_dir() else None
         prompt = path / "prompt.safetensors"  # an optional precomputed prompt beside the official folders
         embeds, pooled = read_prompt_file(prompt) if prompt.exists() else (None, None)
-        defaults = PipelineDefaults()
-        if vae is not None:
-            defaults.vae_scaling_factor = float(vae.config.scaling_factor)
-            defaults.vae_shift_factor = float(vae.config.shift_factor or 0.0)
+        defaults = PipelineDefaults() if vae is None else PipelineDefaults().use_vae(vae)
         bundle = Bundle(transformer=transformer, vae=vae, prompt_embeds=embeds, prompt_pooled=pooled,
                         defaults=defaults, source=str(path))
         return to_device(bundle, device, dtype)
     return load_bundle(path, device=device, dtype=dtype)
-
-
-def peek_model(path: str | os.PathLike) -> tuple[dict[str, Any], PipelineDefaults]:
-    """(transformer config, pipeline defaults) of a bundle or official folder, from headers and
-    config files only: what a door needs to check its options before the weights load."""
-    from .bundle import read_bundle_info
-
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"{path}: no such file or folder")
-    if path.is_dir():
-        return official_transformer_config(transformer_folder(path)), PipelineDefaults()
-    info = read_bundle_info(path)
-    return info.transformer_config, info.defaults

@@ -9,7 +9,8 @@ import torch
 
 from ..models.presets import VAE_PRESETS, transformer_config, vae_config
 from .build import build_transformer, build_vae
-from .bundle import Bundle, PipelineDefaults
+from .bundle import Bundle
+from .defaults import PipelineDefaults
 
 
 def random_bundle(transformer_preset: str = "tiny", vae_preset: str | None = None, *, seed: int = 0,

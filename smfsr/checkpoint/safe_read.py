@@ -6,6 +6,7 @@ length (u64, little-endian) and then '{'; a PyTorch pickle is a zip container or
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from ..errors import CheckpointError
 
 PICKLE_SUFFIXES = {".ckpt", ".pt", ".pth", ".bin", ".pkl", ".pickle"}
 Header = dict[str, tuple[tuple[int, ...], str]]  # tensor name -> (shape, dtype)
+MAX_HEADER_BYTES = 100 * 2**20  # safetensors' own limit on the JSON header
 
 # What a user who trusts a pickled checkpoint can run to convert it. torch.load(weights_only=True)
 # is PyTorch's tensor-only unpickler; nested checkpoints ({"state_dict": {...}, "epoch": 3}) are
@@ -53,11 +55,12 @@ def refuse_pickle(path: Path) -> None:
     if looks_like_pickle(head) or path.suffix.lower() in PICKLE_SUFFIXES:
         script = path.with_name("to_safetensors.py")
         raise CheckpointError(
-            f"{path} is a pickled PyTorch checkpoint. SMFSR only reads .safetensors files, because "
-            "unpickling a file can run arbitrary code. If you trust the file, save these lines as "
-            f"{script.name}:\n\n{CONVERSION_SCRIPT}\nand run once, in an environment with torch and safetensors:\n"
-            f"  python {script.name} '{path.name}' '{path.stem}.safetensors'\n"
-            "then pass the .safetensors file (official folders: `smfsr convert`)."
+            f"{path} is a pickled PyTorch checkpoint, and SMFSR reads only .safetensors: unpickling can run code "
+            "hidden in the file. If you trust the file, convert it once, on a machine you trust (a throwaway "
+            f"container is best), with torch's tensor-only loader (`smfsr info {path}` prints these steps). Save "
+            f"these lines as {script.name}:\n\n{CONVERSION_SCRIPT}\nrun them in an environment with torch and "
+            f"safetensors:\n  python {script.name} '{path.name}' '{path.stem}.safetensors'\n"
+            "and pass the .safetensors file (official folders: `smfsr convert`)."
         )
 
 
@@ -75,20 +78,39 @@ def check_file(path: str | os.PathLike, what: str = "model file") -> Path:
 
 
 def read_header(path: str | os.PathLike) -> tuple[dict[str, str], Header]:
-    """Metadata and {name: (shape, dtype)} of a safetensors file, without loading tensors."""
-    from safetensors import safe_open
+    """Metadata and {name: (shape, dtype)} of a safetensors file, without loading tensors or torch.
 
+    The format is an 8-byte little-endian header length, a JSON header ({name: {dtype, shape,
+    data_offsets}}, metadata under "__metadata__"), then the data; a file shorter than its header
+    says (an unfinished download) is refused here, before anything tries to map it."""
     path = check_file(path)
+    size = path.stat().st_size
     try:
-        with safe_open(str(path), framework="pt") as f:
-            metadata = dict(f.metadata() or {})
-            shapes = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in f.keys()}
-    except Exception as e:  # safetensors raises its own error types for every kind of damage
+        with open(path, "rb") as f:
+            head = f.read(8)
+            length = int.from_bytes(head, "little") if len(head) == 8 else 0
+            if not 2 <= length <= min(size - 8, MAX_HEADER_BYTES):
+                raise ValueError("its header length is impossible")
+            entries = json.loads(f.read(length))
+        if not isinstance(entries, dict):
+            raise ValueError("its header is not a JSON object")
+        metadata = entries.pop("__metadata__", None) or {}
+        shapes: Header = {}
+        end = 0
+        for name, entry in entries.items():
+            shapes[name] = (tuple(int(n) for n in entry["shape"]), str(entry["dtype"]))
+            end = max(end, int(entry["data_offsets"][1]))
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as e:
         raise CheckpointError(
             f"{path} is not a readable safetensors file ({e}). It may be truncated (an unfinished "
             "download) or not a safetensors file at all; download or export it again."
         ) from None
-    return metadata, shapes
+    if 8 + length + end > size:
+        missing = (8 + length + end - size) / 2**20
+        raise CheckpointError(f"{path} is truncated: its header describes {(8 + length + end) / 2**20:.1f} MiB but "
+                              f"the file has {size / 2**20:.1f} MiB ({missing:.1f} MiB missing; an unfinished download "
+                              "or copy). Download or copy it again.")
+    return {str(k): str(v) for k, v in metadata.items()}, shapes
 
 
 def load_tensors(path: str | os.PathLike, device: str = "cpu", prefix: str | None = None):

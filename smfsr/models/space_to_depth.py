@@ -18,7 +18,7 @@ from diffusers.configuration_utils import FrozenDict
 from torch import nn
 from torch.nn import functional as F
 
-CODEC_NAME = "space_to_depth"
+from ..checkpoint.peek import SPACE_TO_DEPTH as CODEC_NAME, is_space_to_depth  # noqa: F401  (re-exported)
 
 
 class _Unshuffle(nn.Module):
@@ -53,7 +53,3 @@ class SpaceToDepthVAE(nn.Module):
     @property
     def latent_channels(self) -> int:
         return int(self.config["latent_channels"])
-
-
-def is_space_to_depth(config: dict | None) -> bool:
-    return bool(config) and config.get("codec") == CODEC_NAME

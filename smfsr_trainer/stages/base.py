@@ -15,13 +15,41 @@ import torch
 
 from ..config import TrainConfig
 from ..ema import EMA
-from ..networks import Networks, default_steps, ema_model, to_bundle
+from ..networks import Networks, ema_model, to_bundle
 
 LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
 
 class Stage(ABC):
+    """A stage's facts live here, not in ``config.stage ==`` tests elsewhere."""
+
     name: str = ""
+    default_steps: int = 25  # inference steps of its exported model, unless export_steps / val_steps say
+    summary_keys: tuple[str, ...] = ()  # config keys its bundles' provenance records beyond the common ones
+
+    def degradation(self, config: TrainConfig) -> str:
+        """The LR degradation its data needs."""
+        return config.degradation
+
+    def needs_teacher(self, config: TrainConfig) -> bool:
+        """Whether it trains against a frozen flow teacher (``config.teacher``)."""
+        return False
+
+    def check(self, config: TrainConfig) -> None:
+        """What it needs, said before any network is built."""
+        if self.needs_teacher(config):
+            teacher = Path(config.teacher or Path(config.output_dir) / "flow.safetensors")
+            if not teacher.exists():
+                raise SystemExit(f"config: stage {self.name} needs a flow teacher and {teacher} does not exist; set "
+                                 "teacher: PATH (a flow-stage bundle), or train stage flow first (it exports "
+                                 f"{Path(config.output_dir) / 'flow.safetensors'})")
+
+    def max_steps(self, config: TrainConfig) -> int:
+        """The most steps its exported model may run (0: any); doors refuse more."""
+        return 0
+
+    def steps(self, value: int) -> int:
+        return value or self.default_steps
 
     @abstractmethod
     def build(self, config: TrainConfig) -> Networks:
@@ -44,7 +72,7 @@ class Stage(ABC):
         from smfsr.checkpoint import save_bundle
 
         path = Path(config.output_dir) / f"{config.stage}.safetensors"
-        return save_bundle(path, to_bundle(config, nets, ema_model(nets, ema)), overwrite=True)
+        return save_bundle(path, to_bundle(config, nets, ema_model(nets, ema), self), overwrite=True)
 
     @torch.no_grad()
     def validate(self, config: TrainConfig, nets: Networks, ema: EMA, device: torch.device
@@ -63,8 +91,8 @@ class Stage(ABC):
         items = [data[i] for i in range(min(config.val_count, len(data)))]
         hr = torch.stack([it["hr"] for it in items])
         lr = torch.stack([it["lr"] for it in items])
-        upscaler = SMFSRUpscaler(to_bundle(config, nets, ema_model(nets, ema).to(device)))
-        options = UpscaleOptions(steps=default_steps(config, config.val_steps), vae_tiling=VAETiling.off())
+        upscaler = SMFSRUpscaler(to_bundle(config, nets, ema_model(nets, ema).to(device), self))
+        options = UpscaleOptions(steps=self.steps(config.val_steps), vae_tiling=VAETiling.off())
         sr = upscaler(lr, options, seeds=list(range(len(lr))))
         bicubic = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic").clamp(0, 1)
         metrics = {"val/psnr": psnr(sr, hr, 1.0).mean().item(), "val/ssim": ssim(sr, hr, 11).mean().item()}

@@ -40,6 +40,7 @@ def drop_text(cond, null, prob: float, g: torch.Generator):
 
 class FlowStage(Stage):
     name = "flow"
+    default_steps = 25  # a flow teacher: Euler steps
 
     def build(self, config) -> Networks:
         source = None
@@ -55,7 +56,7 @@ class FlowStage(Stage):
         return with_frozen_parts(config, trained, None, source)
 
     def batch(self, config, nets, batch, g, device):
-        x, cond = encode(nets, batch, device)
+        x, cond = encode(nets, batch, device, g)
         noise = torch.randn(x.shape, generator=g).to(device)
         t = meanflow.logit_normal(x.shape[0], config.time_mu, config.time_sigma, generator=g).to(device)
         return x, noise, t, drop_text(cond, null_condition(nets, cond), config.null_text_prob, g)

@@ -68,6 +68,11 @@ def teacher_bundle(config):
 
 class MeanFlowStage(Stage):
     name = "meanflow"
+    default_steps = 1
+    summary_keys = ("boundary_fraction", "fixed_interval_fraction")
+
+    def needs_teacher(self, config) -> bool:
+        return True
 
     def build(self, config) -> Networks:
         source = teacher_bundle(config)
@@ -76,7 +81,7 @@ class MeanFlowStage(Stage):
         return with_frozen_parts(config, trained, source.transformer, source)
 
     def batch(self, config, nets, batch, g, device):
-        x, cond = encode(nets, batch, device)
+        x, cond = encode(nets, batch, device, g)
         n = x.shape[0]
         noise = torch.randn(x.shape, generator=g).to(device)
         r, t = meanflow.sample_time_pairs(n, boundary_fraction=config.boundary_fraction,

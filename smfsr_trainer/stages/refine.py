@@ -231,6 +231,16 @@ def parse_steps(spec: str) -> list[int]:
 
 class RefineStage(Stage):
     name = "refine"
+    default_steps = 1
+    summary_keys = ("refine_steps", "weight_l2", "weight_perceptual", "weight_gan", "weight_vsd")
+
+    def needs_teacher(self, config) -> bool:
+        return bool(config.weight_vsd)  # only VSD reads the teacher (the real score and the fake score's start)
+
+    def max_steps(self, config) -> int:
+        """Refined at one step only, the rest of its interval field drifted from the distilled one
+        (2 and 4 steps come out grainy): its bundle says so, and doors refuse more."""
+        return 1 if parse_steps(config.refine_steps) == [1] else 0
 
     def build(self, config) -> Networks:
         # only VSD reads the teacher (the real score and the fake score's start)
@@ -255,7 +265,7 @@ class RefineStage(Stage):
         return chosen
 
     def batch(self, config, nets, batch, g, device) -> RefineBatch:
-        x, cond = encode(nets, batch, device)
+        x, cond = encode(nets, batch, device, g)
         choices = parse_steps(config.refine_steps)
         steps = choices[int(torch.randint(len(choices), (), generator=g))] if len(choices) > 1 else choices[0]
         return RefineBatch(x, cond, null_condition(nets, cond), batch["hr"].to(device), batch["lr"].to(device), g,

@@ -48,6 +48,9 @@ def latent_statistics(vae, images: torch.Tensor) -> tuple[float, float]:
 class VAEStage(Stage):
     name = "vae"
 
+    def degradation(self, config) -> str:
+        return "bicubic"  # only HR crops are used: skip the costly degradation
+
     def build(self, config) -> Networks:
         torch.manual_seed(config.seed)
         vae = import_vae(config.init) if config.init else build_vae(vae_config(config.vae_preset or "small"))
