@@ -14,6 +14,9 @@ import folder_paths
 import torch
 
 from smfsr.checkpoint import Bundle
+from smfsr.checkpoint.official import LDM_VAE_PREFIXES
+from smfsr.checkpoint.safe_read import load_tensors, read_header
+from smfsr.errors import CheckpointError
 from smfsr.checkpoint.default_model import DEFAULT, REPO_MODELS, SHIPPED, shipped
 from smfsr.pipeline import SMFSRUpscaler
 from smfsr.runtime import Runtime
@@ -44,6 +47,17 @@ def model_names() -> list[str]:
         if os.path.isdir(root):
             names += sorted(f"{d}/" for d in os.listdir(root) if os.path.isfile(os.path.join(root, d, "transformer", "config.json")))
     return names
+
+
+def checkpoint_vae_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Only the VAE's tensors of a single-file checkpoint (``first_stage_model.*``, or a bundle's
+    ``vae.*``), prefix removed: what ComfyUI's VAE reads, without loading the rest of the file."""
+    _, header = read_header(path)  # refuses pickles, truncated and foreign files with a clear message
+    prefix = next((p for p in LDM_VAE_PREFIXES if any(k.startswith(p + "decoder.") for k in header)), None)
+    if prefix is None:
+        raise CheckpointError(f"{Path(path).name} holds no VAE (no first_stage_model.* tensors); choose a checkpoint "
+                              "with one (Stability's sd3.5_medium.safetensors has it), or use Load VAE")
+    return load_tensors(path, prefix=prefix)
 
 
 def default_name() -> str | None:
@@ -82,7 +96,8 @@ class SMFSRModel:
         mm.load_models_gpu(self.patchers + ([vae.patcher] if vae is not None else []))
         if vae is None and self.bundle.vae is None:
             raise ValueError(f"the SMFSR model {self.name} has no VAE of its own: connect the VAE from your "
-                             "SD3.5 checkpoint loader to the node's vae input")
+                             "SD3.5 checkpoint loader (or Load VAE) to the node's vae input; `smfsr download "
+                             "sd35-medium-vae --for comfyui` puts SD3.5's VAE in models/vae")
         return SMFSRUpscaler(self.bundle, vae=vae.first_stage_model if vae is not None else None)
 
     def sampler(self) -> SMFSRUpscaler:

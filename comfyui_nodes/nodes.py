@@ -12,6 +12,7 @@ import logging
 import os
 
 import comfy.utils
+import folder_paths
 from comfy_api.latest import io
 
 from smfsr.checkpoint import PipelineDefaults
@@ -148,6 +149,35 @@ class SMFSRModelLoader(io.ComfyNode):
             return io.NodeOutput(models.load(model_name, dtype, weights, block_swap, compile))
         except SMFSRError as e:
             raise user_error(e) from None
+
+
+class SMFSRCheckpointVAELoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SMFSRCheckpointVAELoader",
+            display_name="SMFSR VAE from Checkpoint",
+            category=CATEGORY,
+            description="Loads only the VAE of a checkpoint: an SMFSR graph needs SD3.5's VAE, not its MMDiT, so this "
+                        "reads about 0.17 GB of sd3.5_medium.safetensors instead of the whole 5 GB file (what "
+                        "Load Checkpoint would keep in memory).",
+            inputs=[io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                                   tooltip="A checkpoint in models/checkpoints that holds a VAE (Stability's "
+                                           "sd3.5_medium.safetensors, or Comfy-Org's all-in-one file).")],
+            outputs=[io.Vae.Output()],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name: str) -> io.NodeOutput:
+        import comfy.sd
+
+        try:
+            state = models.checkpoint_vae_state(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
+        except SMFSRError as e:
+            raise user_error(e) from None
+        vae = comfy.sd.VAE(sd=state)
+        vae.throw_exception_if_invalid()
+        return io.NodeOutput(vae)
 
 
 class SMFSRLREncode(io.ComfyNode):
@@ -319,4 +349,5 @@ class SMFSRUpscale(io.ComfyNode):
         return io.NodeOutput(image_from_core(out))
 
 
-NODES = [SMFSRModelLoader, SMFSRLREncode, SMFSRSampler, SMFSRTiledVAEDecode, SMFSRColorFix, SMFSRUpscale]
+NODES = [SMFSRModelLoader, SMFSRCheckpointVAELoader, SMFSRLREncode, SMFSRSampler, SMFSRTiledVAEDecode, SMFSRColorFix,
+         SMFSRUpscale]

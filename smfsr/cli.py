@@ -14,12 +14,11 @@ import os
 import sys
 import traceback
 
-from . import __version__
+from .arguments import build_parser
 from .atomic import refuse_existing
 from .errors import SMFSRError
 
 EXIT_OK, EXIT_SOME_FAILED, EXIT_ERROR = 0, 1, 2
-WEIGHT_CHOICES = ["auto", "fp8_e4m3fn", "fp8"]  # runtime.WEIGHTS and its short name (not imported: torch)
 
 
 # --------------------------------------------------------------------------------------------
@@ -234,163 +233,38 @@ def cmd_convert(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --------------------------------------------------------------------------------------------
-# argument types: a bad value is a usage error (exit 2, one line) before anything loads
+def cmd_download(args: argparse.Namespace) -> int:
+    from .download import download
+
+    download(args.name, door=args.door, out=args.output, comfyui_dir=args.comfyui_dir, a1111_dir=args.a1111_dir,
+             bundle=args.bundle, revision=args.revision, endpoint=args.endpoint)
+    return EXIT_OK
 
 
-def _number(kind, what: str, low: float, *, inclusive: bool):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{what} must be a number, not {text!r}") from None
-        if value < low or (value == low and not inclusive):
-            bound = f"at least {low:g}" if inclusive else f"greater than {low:g}"
-            raise argparse.ArgumentTypeError(f"{what} must be {bound}, got {text}")
-        return value
-
-    return parse
-
-
-def _block_swap(text: str) -> str:
-    if text != "auto" and not text.isdigit():
-        raise argparse.ArgumentTypeError(f"--block-swap must be a number of blocks or 'auto', not {text!r}")
-    return text
-
-
-def _device(text: str) -> str:
-    import re
-
-    if not re.fullmatch(r"(cpu|cuda(:\d+)?|mps|xpu(:\d+)?|auto)", text):
-        raise argparse.ArgumentTypeError(f"unknown device {text!r}; use cpu, cuda or cuda:N")
-    return text
-
-
-def add_text_encoder_arguments(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("SD3.5 text encoders (for the official weights' prompt)")
-    group.add_argument("--sd35", help="a diffusers SD3.5-medium folder, or the single-file sd3.5_medium.safetensors")
-    group.add_argument("--clip-l", help="ComfyUI's clip_l.safetensors")
-    group.add_argument("--clip-g", help="ComfyUI's clip_g.safetensors")
-    group.add_argument("--t5", help="ComfyUI's t5xxl_fp16.safetensors (or an fp8 one)")
-    group.add_argument("--tokenizers", help="a ComfyUI install or a diffusers SD3.5 folder (single files carry none)")
-    group.add_argument("--t5-dtype", choices=["bf16", "fp32"], default="bf16", help="T5-XXL's precision (default bf16)")
-    group.add_argument("--text-device", type=_device, default="cpu",
-                       help="where the text encoders run (default cpu: T5-XXL needs about 10 GB in bf16)")
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line and exit 2, with the command to get help
-        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
-        raise SystemExit(EXIT_ERROR)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="smfsr", description="SMFSR one-step diffusion super-resolution")
-    parser.add_argument("--version", action="version", version=f"smfsr {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
-    up = sub.add_parser("upscale", help="upscale images, folders or globs")
-    up.add_argument("inputs", nargs="+", help="image files, folders (searched recursively) or globs")
-    up.add_argument("-o", "--output", required=True, help="output folder, or a file name for a single input")
-    up.add_argument("--model", help="SMFSR bundle (.safetensors), official folder, or a shipped model's name "
-                                    "(smfsr-small-x4, smfsr-small-x4-q; default: the default one)")
-    up.add_argument("--vae", help="a diffusers VAE folder or file, for models without their own")
-    up.add_argument("--prompt", help="prompt embeddings (.safetensors with 'embeds' and 'pooled', from `smfsr encode-prompt`)")
-    up.add_argument("--prompt-text", help="a prompt to encode for this run (needs the text encoders below)")
-    up.add_argument("--scale", type=_number(float, "--scale", 0, inclusive=False),
-                    help="output size / input size, at most 16 (default: the model's factor)")
-    up.add_argument("--seed", type=int, default=0, help="noise seed; same seed, same result (default 0)")
-    up.add_argument("--steps", type=_number(int, "--steps", 1, inclusive=True),
-                    help="mean-flow steps (default: the model's, 1)")
-    up.add_argument("--tile-size", type=_number(int, "--tile-size", 0, inclusive=True),
-                    help="latent tile in latent px, 0 = the whole latent at once (default: the model's)")
-    up.add_argument("--tile-overlap", type=_number(int, "--tile-overlap", 0, inclusive=True),
-                    help="latent tile overlap in latent px (default: the model's, in proportion to the tile)")
-    up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="colour correction (default: the model's)")
-    up.add_argument("--vae-tile", default="auto",
-                    help="VAE tile in latent px (the encoder takes the same area in image px); tiled equals "
-                         "untiled, memory is set by the tile. 'auto' tiles images over 1 MP with a size from free "
-                         "memory; 'off' never tiles (default auto)")
-    up.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    up.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
-                    help="auto: bf16/fp16 on GPU, fp32 on CPU")
-    up.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
-                    help="fp8_e4m3fn (or fp8): quantise the transformer blocks to fp8 on load (half of bf16's "
-                         "memory); auto: as stored")
-    up.add_argument("--block-swap", default="0", type=_block_swap,
-                    help="keep N transformer blocks in system memory, streamed to the GPU as they run; 'auto': as "
-                         "many as free GPU memory needs (default 0)")
-    up.add_argument("--compile", action="store_true", help="torch.compile the networks (pays off for many images)")
-    up.add_argument("--rgb", action="store_true", help="write RGB even for grayscale inputs (default: like the input)")
-    exists = up.add_mutually_exclusive_group()
-    exists.add_argument("--overwrite", action="store_true", help="replace existing output files")
-    exists.add_argument("--skip-existing", action="store_true", help="skip inputs whose output exists")
-    up.add_argument("--max-pixels", type=_number(int, "--max-pixels", 1, inclusive=True), default=8192 * 8192,
-                    help="refuse larger inputs (default 64 MP)")
-    up.add_argument("-q", "--quiet", action="store_true")
-    up.add_argument("--debug", action="store_true", help="print tracebacks for unexpected errors")
-    add_text_encoder_arguments(up)
-    up.set_defaults(func=cmd_upscale)
-
-    app = sub.add_parser("app", help="a local web page to upscale images (gradio)")
-    app.add_argument("--model", help="the model selected first (default: models found in --models-dir and models/)")
-    app.add_argument("--models-dir", help="a folder of SMFSR models to list")
-    app.add_argument("--host", default="127.0.0.1", help="address to serve on (default loopback; others expose the app)")
-    app.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
-    app.add_argument("--device", type=_device, help="cpu, cuda, ... (default: cuda if available)")
-    app.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
-    app.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help="as for upscale")
-    app.add_argument("--block-swap", default="0", type=_block_swap, help="as for upscale")
-    app.set_defaults(func=cmd_app)
-
-    enc = sub.add_parser("encode-prompt", help="encode a prompt with SD3.5's text encoders (for the official weights)")
-    enc.add_argument("--text", help="the prompt (default: the official positive prompt)")
-    enc.add_argument("-o", "--output", required=True, help="the prompt file to write (.safetensors)")
-    enc.add_argument("--overwrite", action="store_true")
-    add_text_encoder_arguments(enc)
-    enc.set_defaults(func=cmd_encode_prompt)
-
-    info = sub.add_parser("info", help="describe a model file or folder")
-    info.add_argument("model")
-    info.set_defaults(func=cmd_info)
-
-    conv = sub.add_parser("convert", help="make a bundle from official parts")
-    conv.add_argument("--transformer", required=True,
-                      help="official folder (with transformer/), the transformer folder, or an SMFSR bundle to re-store")
-    conv.add_argument("--vae", help="a VAE folder or file (default: the one in --sd35)")
-    conv.add_argument("--prompt-embeds", help=".safetensors with 'embeds' (1, L, 4096) and 'pooled' (1, 2048)")
-    conv.add_argument("--prompt-text", help="the prompt to store (encoded with --sd35; default: the official one)")
-    conv.add_argument("--upscale", type=_number(int, "--upscale", 1, inclusive=True), default=4)
-    conv.add_argument("--dtype", choices=["fp16", "bf16", "fp32"], default="fp16",
-                      help="storage of the floating tensors (default fp16); fp8 weights keep their format")
-    conv.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
-                      help="fp8: store the transformer blocks' linears as float8 e4m3fn with scales (about half of fp16)")
-    conv.add_argument("--fp8-scale", choices=["channel", "tensor"], default="channel",
-                      help="fp8 scale granularity (default: per output channel)")
-    conv.add_argument("--license", help="licence note to store (default: the source's)")
-    conv.add_argument("-o", "--output", required=True)
-    conv.add_argument("--overwrite", action="store_true")
-    add_text_encoder_arguments(conv)
-    conv.set_defaults(func=cmd_convert)
-    return parser
+COMMANDS = {"upscale": cmd_upscale, "app": cmd_app, "encode_prompt": cmd_encode_prompt, "info": cmd_info,
+            "convert": cmd_convert, "download": cmd_download}
 
 
 def main(argv: list[str] | None = None) -> int:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the network at run time
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:
         return int(e.code or 0)
+    if args.command != "download":  # the one command that uses the network, when the user runs it
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     try:
-        return args.func(args)
+        return COMMANDS[args.command](args)
     except SMFSRError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `smfsr info ... | head`: the reader left; nothing to say
+        sys.stdout = open(os.devnull, "w")
+        return EXIT_OK
 
 
 if __name__ == "__main__":

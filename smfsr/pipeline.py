@@ -119,8 +119,9 @@ class SMFSRUpscaler:
         d = bundle.defaults
         if vae is None and not sampling_only:
             raise SMFSRError(
-                f"{bundle.source or 'this model'} has no VAE. Pass one (--vae path/to/stable-diffusion-3.5-medium/vae), "
-                "or use a bundle that contains its VAE."
+                f"{bundle.source or 'this model'} has no VAE. Pass one (--vae path/to/stable-diffusion-3.5-medium/vae; "
+                "`smfsr download sd35-medium-vae` brings SD3.5's), or use a bundle that contains its VAE "
+                "(`smfsr download smfsr_q --bundle`)."
             )
         self.bundle, self.transformer, self.defaults = bundle, bundle.transformer, d
         self.latent_scale = LatentScale(d.vae_scaling_factor, d.vae_shift_factor)
@@ -192,7 +193,9 @@ class SMFSRUpscaler:
         if embeds is None or pooled is None:
             raise SMFSRError(
                 "this model has no stored prompt embedding; pass prompt embeddings (--prompt FILE.safetensors "
-                "with 'embeds' and 'pooled'), or convert the model with one (`smfsr convert --prompt-embeds`)"
+                "with 'embeds' and 'pooled', from `smfsr encode-prompt`; `smfsr download sd35-medium-encoders` "
+                "brings the encoders), or convert the model with one (`smfsr convert --prompt-embeds`, or "
+                "`smfsr download smfsr_q --bundle`)"
             )
         expected = (self.transformer.config.joint_attention_dim, self.transformer.config.pooled_projection_dim)
         if (embeds.shape[-1], pooled.shape[-1]) != expected:

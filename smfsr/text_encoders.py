@@ -29,11 +29,14 @@ DEFAULT_PROMPT = ("Cinematic, hyper sharpness, highly detailed, perfect without 
                   "pore detailing.")
 T5_TOKENS = 256  # official inference: 77 CLIP + 256 T5 tokens = 333
 CLIP_TOKENS = 77
+FILES = {"clip_l": "clip_l.safetensors", "clip_g": "clip_g.safetensors", "t5": "t5xxl_fp16.safetensors"}
 CHECKPOINT_PREFIXES = {"clip_l": "text_encoders.clip_l.transformer.", "clip_g": "text_encoders.clip_g.transformer.",
                        "t5": "text_encoders.t5xxl.transformer."}
 NEEDS = ("Needs, from SD3.5-medium: either the diffusers folder (text_encoder*, tokenizer*), or ComfyUI's single files "
          "(--clip-l clip_l.safetensors --clip-g clip_g.safetensors --t5 t5xxl_fp16.safetensors, or the single-file "
-         "checkpoint sd3.5_medium.safetensors) with --tokenizers pointing at a ComfyUI install or an SD3.5 folder.")
+         "all-in-one sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors; Stability's sd3.5_medium.safetensors holds no "
+         "encoders) with --tokenizers pointing at a ComfyUI install or an SD3.5 folder. "
+         "`smfsr download sd35-medium-encoders` brings the single files and their tokenizers.")
 
 
 @dataclass
@@ -68,6 +71,8 @@ def find_sources(sd35: str | os.PathLike | None = None, *, clip_l=None, clip_g=N
                 raise SMFSRError(f"{sd35} is not a diffusers SD3.5 folder: it lacks text_encoder/, text_encoder_2/ "
                                  f"and text_encoder_3/ (found: {found}). {NEEDS}")
             return Sources(folder=sd35, tokenizers=paths["tokenizers"] or sd35)
+        if not all(paths[n] for n in ("clip_l", "clip_g", "t5")):
+            _check_checkpoint_holds_encoders(sd35, given={n for n in ("clip_l", "clip_g", "t5") if paths[n]})
         for name in ("clip_l", "clip_g", "t5"):  # a single-file checkpoint: each encoder under its prefix
             paths[name] = paths[name] or sd35
     missing = [f"--{n.replace('_', '-')}" for n in ("clip_l", "clip_g", "t5") if paths[n] is None]
@@ -78,6 +83,24 @@ def find_sources(sd35: str | os.PathLike | None = None, *, clip_l=None, clip_g=N
                          "(it ships them in comfy/sd1_tokenizer and comfy/text_encoders/t5_tokenizer) or a diffusers "
                          "SD3.5 folder")
     return Sources(clip_l=paths["clip_l"], clip_g=paths["clip_g"], t5=paths["t5"], tokenizers=paths["tokenizers"])
+
+
+def _check_checkpoint_holds_encoders(path: Path, given: set[str]) -> None:
+    """A single-file checkpoint named as the source of the encoders must hold them; Stability's
+    sd3.5_medium.safetensors (MMDiT + VAE) does not, and the error says which files to add and where."""
+    from .checkpoint.safe_read import read_header
+
+    _, header = read_header(path)
+    found = {name for name, prefix in CHECKPOINT_PREFIXES.items() if any(k.startswith(prefix) for k in header)}
+    missing = [n for n in CHECKPOINT_PREFIXES if n not in found | given]
+    if not missing:
+        return
+    flags = " ".join(f"--{n.replace('_', '-')} models/text_encoders/{FILES[n]}" for n in missing)
+    raise SMFSRError(f"{path} holds no {', '.join(missing)} text encoder(s) (Stability publishes "
+                     "sd3.5_medium.safetensors as the MMDiT and the VAE only; the encoders are separate files in "
+                     f"its text_encoders/ folder): add {flags} (ComfyUI keeps them in models/text_encoders; `smfsr "
+                     "download sd35-medium-encoders` brings them), or use Comfy-Org's all-in-one "
+                     "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -27,7 +27,8 @@ from tests.helpers import DOOR_SEED, cannot_import, door_input, free_port, host_
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
-NODES = ["SMFSRModelLoader", "SMFSRLREncode", "SMFSRSampler", "SMFSRTiledVAEDecode", "SMFSRColorFix", "SMFSRUpscale"]
+NODES = ["SMFSRModelLoader", "SMFSRCheckpointVAELoader", "SMFSRLREncode", "SMFSRSampler", "SMFSRTiledVAEDecode",
+         "SMFSRColorFix", "SMFSRUpscale"]
 
 
 def _missing() -> str | None:
@@ -248,11 +249,72 @@ def test_the_shipped_workflow_runs_the_default_model_as_is(comfy):
     assert truncation_mismatches(got, result) == 0
 
 
-def test_sd35_workflow_is_valid_and_asks_only_for_the_missing_weights(comfy):
-    status, reply = comfy.post("/prompt", {"prompt": api_workflow("smfsr_sd35", image="example.png")})
+@pytest.mark.parametrize("workflow", ["smfsr_sd35", "smfsr_sd35_all_in_one"])
+def test_sd35_workflows_are_valid_and_ask_only_for_the_missing_weights(comfy, workflow):
+    status, reply = comfy.post("/prompt", {"prompt": api_workflow(workflow, image="example.png")})
     assert status == 400
     bad = {i["extra_info"]["input_name"] for e in reply["node_errors"].values() for i in e["errors"]}
-    assert bad <= {"ckpt_name", "model_name"}, reply
+    assert bad and bad <= {"ckpt_name", "model_name", "clip_name1", "clip_name2", "clip_name3"}, reply
+
+
+@pytest.mark.slow
+def test_the_checkpoint_vae_loader_reads_only_the_vae_and_gives_comfyuis_vae(tmp_path):
+    """Stability's sd3.5_medium.safetensors layout (an MMDiT part + first_stage_model.*, random weights
+    in SD3.5's VAE shapes): the node's VAE decodes as the core's ldm VAE of the same tensors, and a
+    checkpoint without a VAE is refused by name."""
+    import torch
+    from safetensors.torch import save_file
+
+    from smfsr.checkpoint import build_vae
+    from smfsr.models.presets import vae_config
+    from tests.helpers import ldm_vae
+
+    torch.manual_seed(0)
+    vae = build_vae(vae_config("sd35")).eval()
+    tensors = {f"first_stage_model.{k}": v.contiguous() for k, v in ldm_vae(vae).state_dict().items()}
+    tensors["model.diffusion_model.x_embedder.proj.weight"] = torch.zeros(1536, 16, 2, 2)  # stands for the MMDiT
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    save_file(tensors, str(folder / "sd3.5_medium.safetensors"))
+    save_file({"model.diffusion_model.x": torch.zeros(2)}, str(folder / "mmdit_only.safetensors"))
+    script = tmp_path / "vae.py"
+    script.write_text(VAE_SCRIPT)
+    run = subprocess.run([COMFYUI_PYTHON, str(script), COMFYUI_DIR, str(REPO), str(folder)], capture_output=True,
+                         text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    assert "keys read: 0 of the MMDiT" in run.stdout, run.stdout
+    difference = float(run.stdout.split("decode max diff:")[1].split()[0])
+    assert difference < 1e-4, run.stdout
+    assert "mmdit_only.safetensors holds no VAE" in run.stdout, run.stdout
+
+
+VAE_SCRIPT = """
+import sys
+from pathlib import Path
+comfy_dir, repo, folder = sys.argv[1:4]
+sys.path[:0] = [comfy_dir, repo]
+sys.argv = ["main.py", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import torch
+import folder_paths
+folder_paths.folder_names_and_paths["checkpoints"] = ([folder], {".safetensors"})
+from comfyui_nodes.model import checkpoint_vae_state
+from comfyui_nodes.nodes import SMFSRCheckpointVAELoader
+state = checkpoint_vae_state(Path(folder) / "sd3.5_medium.safetensors")
+print("keys read:", sum(k.startswith("model.") for k in state), "of the MMDiT")
+vae = SMFSRCheckpointVAELoader.execute("sd3.5_medium.safetensors").result[0]
+from smfsr.checkpoint import import_vae
+from smfsr.pipeline import decode_latent
+z = torch.randn(1, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+ours = vae.decode(z).movedim(-1, 1)  # ComfyUI's own decode: (B, H, W, C) in [0, 1]
+reference = decode_latent(import_vae(Path(folder) / "sd3.5_medium.safetensors"), z, None)
+print("decode max diff:", (ours.float() - reference).abs().max().item())
+try:
+    SMFSRCheckpointVAELoader.execute("mmdit_only.safetensors")
+except RuntimeError as e:
+    print(e)
+"""
 
 
 def test_a_broken_model_file_gives_a_node_error_naming_it(comfy):

@@ -56,3 +56,27 @@ def test_workflow_files_are_generated_from_one_source():
     ui = json.loads((REPO / "workflows" / "smfsr_sd35.json").read_text())
     note = next(n for n in ui["nodes"] if n["type"] == "Note")
     assert "sd3.5_medium.safetensors" in note["widgets_values"][0] and "GB" in note["widgets_values"][0]
+
+
+def test_no_workflow_takes_clip_from_a_checkpoint_that_holds_none():
+    """Stability's sd3.5_medium.safetensors holds the MMDiT and the VAE only: a graph that feeds its
+    CLIP output to CLIPTextEncode fails with "clip input is invalid: None". Every checkpoint a
+    shipped workflow names is one whose contents are known, and CLIP comes only from one that has it."""
+    from workflows.build import SD35_FILES, SOCKETS_OUT
+
+    for path in sorted((REPO / "workflows" / "api").glob("*.json")):
+        prompt = json.loads(path.read_text())
+        for node in prompt.values():
+            for value in node["inputs"].values():
+                if not isinstance(value, list):
+                    continue
+                source = prompt[value[0]]
+                if source["class_type"] != "CheckpointLoaderSimple":
+                    continue
+                ckpt = source["inputs"]["ckpt_name"]
+                assert ckpt in SD35_FILES, f"{path.name}: what does {ckpt} hold? (add it to SD35_FILES)"
+                output = SOCKETS_OUT["CheckpointLoaderSimple"][value[1]][0]
+                assert output in SD35_FILES[ckpt], f"{path.name}: {output} taken from {ckpt}, which holds none"
+    stability = json.loads((REPO / "workflows" / "api" / "smfsr_sd35.json").read_text())
+    loaders = {n["class_type"] for n in stability.values()}
+    assert {"TripleCLIPLoader", "SMFSRCheckpointVAELoader"} <= loaders and "CheckpointLoaderSimple" not in loaders

@@ -52,7 +52,7 @@ def test_every_command_takes_a_shipped_models_name(tiny_png):
 
 @pytest.mark.parametrize("args, message", [
     (["upscale", "tiny.png", "-o", "new/out.png", "--model", "nosuchmodel"],
-     "nosuchmodel: no such file or folder (shipped models, usable by name: smfsr-small-x4, smfsr-small-x4-q)"),
+     "nosuchmodel: no such file or folder (shipped models, usable by name: smfsr-small-x4, smfsr-small-x4-q;"),
     (["upscale", "tiny.png", "-o", "new/out.png", "--steps", "2"],
      "this model was trained for 1 step(s) only and gives poor results with more; set --steps to 1"),
     (["upscale", "tiny.png", "-o", "new/out.png", "--tile-size", "30"],

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from tests.helpers import REPO, TINY_TEXT, diffusers_reference_embedding, photo_like, save_tiny_sd3_text_encoders
 
@@ -132,6 +132,14 @@ def test_wrong_inputs_say_what_is_wrong(encoders, tmp_path):
     cases.append((["--clip-l", encoders["clip_l"], "--clip-g", encoders["clip_g"], "--t5", pickled, "--tokenizers",
                    encoders["sd35"]], "pickled PyTorch checkpoint"))
     cases.append((["--sd35", encoders["sd35"], "--text", "word " * 300], "T5 tokens; the encoders read at most 256"))
+    stability = tmp_path / "sd3.5_medium.safetensors"  # Stability's layout: MMDiT + VAE, no encoders
+    save_file({"model.diffusion_model.x": torch.zeros(2), "first_stage_model.decoder.conv_in.weight": torch.zeros(2)},
+              str(stability))
+    cases.append((["--sd35", stability, "--tokenizers", encoders["sd35"]],
+                  "holds no clip_l, clip_g, t5 text encoder(s) (Stability publishes sd3.5_medium.safetensors as the "
+                  "MMDiT and the VAE only"))
+    cases.append((["--sd35", stability, "--clip-l", encoders["clip_l"], "--tokenizers", encoders["sd35"]],
+                  "add --clip-g models/text_encoders/clip_g.safetensors --t5 models/text_encoders/t5xxl_fp16.safetensors"))
     for args, message in cases:
         run = smfsr("encode-prompt", "-o", out, *args)
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)

@@ -22,6 +22,8 @@ WIDGETS = {
     "LoadImage": ["image", "upload"],
     "SaveImage": ["filename_prefix"],
     "CheckpointLoaderSimple": ["ckpt_name"],
+    "TripleCLIPLoader": ["clip_name1", "clip_name2", "clip_name3"],
+    "SMFSRCheckpointVAELoader": ["ckpt_name"],
     "CLIPTextEncode": ["text"],
     "Note": ["text"],
     "SMFSRModelLoader": ["model_name", "dtype", "weights", "block_swap", "compile"],
@@ -45,6 +47,8 @@ SOCKETS_IN = {
 SOCKETS_OUT = {
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    "TripleCLIPLoader": [("CLIP", "CLIP")],
+    "SMFSRCheckpointVAELoader": [("VAE", "VAE")],
     "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
     "SMFSRModelLoader": [("smfsr_model", "SMFSR_MODEL")],
     "SMFSRLREncode": [("lr_latent", "LATENT"), ("lr_upscaled", "IMAGE")],
@@ -137,39 +141,80 @@ def modular_default() -> list[Node]:
     ]
 
 
+# What each SD3.5 file a user downloads holds (hosts.md: the publishers' file lists, ComfyUI 0.8's loaders):
+# a workflow may take CLIP from a checkpoint only if the file holds the text encoders.
+SD35_FILES = {
+    "sd3.5_medium.safetensors": {"MODEL", "VAE"},  # Stability's: MMDiT + VAE, encoders are separate files
+    "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors": {"MODEL", "CLIP", "VAE"},  # Comfy-Org's all-in-one
+}
+STABILITY = "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium"
+COMFY_ORG = "https://huggingface.co/Comfy-Org/stable-diffusion-3.5-fp8"
+PROMPT = ("Cinematic, hyper sharpness, highly detailed, perfect without deformations, camera, hyper detailed photo - "
+          "realistic maximum detail, 32k, Color Grading, ultra HD, extreme meticulous detailing, skin pore detailing.")
+SMFSR_FILE = ("- models/smfsr/smfsr_q/ (the official transformer): `smfsr download smfsr_q --for comfyui`, or one bundle "
+              "models/smfsr/smfsr_q.safetensors: `smfsr download smfsr_q --bundle --for comfyui` (about 5.5 GB in fp16)")
 SD35_NOTE = (
+    "Files to download (nothing is fetched for you), as Stability publishes them (gated: accept the licence at "
+    f"{STABILITY}):\n"
+    "- models/checkpoints/sd3.5_medium.safetensors (about 5.1 GB: the MMDiT and the VAE; only the VAE is read here, "
+    "by SMFSR VAE from Checkpoint)\n"
+    "- models/text_encoders/clip_l.safetensors (0.25 GB), clip_g.safetensors (1.4 GB) and t5xxl_fp16.safetensors "
+    "(9.8 GB) or t5xxl_fp8_e4m3fn.safetensors (4.9 GB), from the same repository's text_encoders/ folder "
+    "(`smfsr download sd35-medium-encoders --for comfyui`)\n"
+    + SMFSR_FILE
+)
+SD35_ALL_IN_ONE_NOTE = (
     "Files to download (nothing is fetched for you):\n"
-    "- models/checkpoints/sd3.5_medium.safetensors (Stable Diffusion 3.5 Medium with CLIP-L/G + T5, about 11 GB; "
-    "its VAE and text encoders are used)\n"
-    "- models/smfsr/smfsr_q.safetensors: the official SMFSR transformer, converted once with\n"
-    "  `smfsr convert --transformer smfsr_q -o smfsr_q.safetensors` (about 5.5 GB in fp16)"
+    f"- models/checkpoints/sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors from {COMFY_ORG} (gated): the MMDiT, "
+    "the VAE and CLIP-L/G + T5-XXL (fp8) in one file. Load Checkpoint keeps all of it in memory, the MMDiT "
+    "included, which this graph does not use: on 24 GB machines prefer the smfsr_sd35 workflow.\n"
+    + SMFSR_FILE
 )
 
 
-def sd35() -> list[Node]:
-    """Official SMFSR weights inside an SD3.5 graph: the core checkpoint loader gives VAE and CLIP."""
+def sd35_chain(clip: tuple[int, int], vae: tuple[int, int], note: str) -> list[Node]:
+    """The SMFSR nodes of an SD3.5 graph, given where CLIP and VAE come from (node id, output)."""
     return [
-        Node(1, "CheckpointLoaderSimple", {"ckpt_name": "sd3.5_medium.safetensors"}, (0, 0),
-             models=[{"name": "sd3.5_medium.safetensors", "directory": "checkpoints",
-                      "url": "https://huggingface.co/stabilityai/stable-diffusion-3.5-medium"}]),
-        Node(2, "CLIPTextEncode", {"text": "Cinematic, hyper sharpness, highly detailed, perfect without deformations, "
-                                           "camera, hyper detailed photo - realistic maximum detail, 32k, Color Grading, "
-                                           "ultra HD, extreme meticulous detailing, skin pore detailing."},
-             (0, 250), {"clip": (1, 1)}),
+        Node(2, "CLIPTextEncode", {"text": PROMPT}, (0, 250), {"clip": clip}),
         Node(3, "SMFSRModelLoader", {"model_name": "smfsr_q.safetensors", **LOADER}, (0, 500)),
         Node(4, "LoadImage", {"image": "example.png", "upload": "image"}, (0, 750)),
-        Node(5, "SMFSRLREncode", {"vae_tile": 0}, (400, 0), {"image": (4, 0), "smfsr_model": (3, 0), "vae": (1, 2)}),
+        Node(5, "SMFSRLREncode", {"vae_tile": 0}, (400, 0), {"image": (4, 0), "smfsr_model": (3, 0), "vae": vae}),
         Node(6, "SMFSRSampler", {"seed": 0, **MODEL_DEFAULTS}, (800, 0),
              {"smfsr_model": (3, 0), "lr_latent": (5, 0), "conditioning": (2, 0)}),
-        Node(7, "SMFSRTiledVAEDecode", {"vae_tile": 0}, (1200, 0), {"samples": (6, 0), "vae": (1, 2)}),
+        Node(7, "SMFSRTiledVAEDecode", {"vae_tile": 0}, (1200, 0), {"samples": (6, 0), "vae": vae}),
         Node(8, "SMFSRColorFix", {"color_fix": "auto", "scale": 0.0}, (1600, 0),
              {"image": (7, 0), "reference": (4, 0), "smfsr_model": (3, 0)}),
         Node(9, "SaveImage", {"filename_prefix": "smfsr_sd35"}, (2000, 0), {"images": (8, 0)}),
-        Node(10, "Note", {"text": SD35_NOTE}, (400, 400), title="Files to download"),
+        Node(10, "Note", {"text": note}, (400, 400), title="Files to download"),
     ]
 
 
-WORKFLOWS = {"smfsr_upscale": upscale_default, "smfsr_modular": modular_default, "smfsr_sd35": sd35}
+def sd35() -> list[Node]:
+    """Official SMFSR weights with Stability's files: the VAE read alone from sd3.5_medium.safetensors
+    (it holds no text encoders), CLIP-L/G + T5 from their own files."""
+    return [
+        Node(1, "SMFSRCheckpointVAELoader", {"ckpt_name": "sd3.5_medium.safetensors"}, (0, 0),
+             models=[{"name": "sd3.5_medium.safetensors", "directory": "checkpoints", "url": STABILITY}]),
+        Node(11, "TripleCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                                      "clip_name3": "t5xxl_fp16.safetensors"}, (0, 120),
+             models=[{"name": n, "directory": "text_encoders", "url": STABILITY}
+                     for n in ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")]),
+        *sd35_chain(clip=(11, 0), vae=(1, 0), note=SD35_NOTE),
+    ]
+
+
+def sd35_all_in_one() -> list[Node]:
+    """Official SMFSR weights with Comfy-Org's all-in-one checkpoint: CLIP and VAE from one file."""
+    name = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
+    return [
+        Node(1, "CheckpointLoaderSimple", {"ckpt_name": name}, (0, 0),
+             models=[{"name": name, "directory": "checkpoints", "url": COMFY_ORG}]),
+        *sd35_chain(clip=(1, 1), vae=(1, 2), note=SD35_ALL_IN_ONE_NOTE),
+    ]
+
+
+WORKFLOWS = {"smfsr_upscale": upscale_default, "smfsr_modular": modular_default, "smfsr_sd35": sd35,
+             "smfsr_sd35_all_in_one": sd35_all_in_one}
 
 
 def render() -> dict[Path, str]:

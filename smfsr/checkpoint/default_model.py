@@ -22,16 +22,39 @@ def shipped(name: str) -> Path:
     return REPO_MODELS / f"{name}.safetensors"
 
 
+OFFICIAL = ("smfsr_q", "smfsr_f")  # the official weights' names, which `smfsr download` brings
+
+
+def downloaded(name: str) -> Path | None:
+    """An official model `smfsr download` put in the cache: its bundle, else its folder."""
+    from ..download import cache_dir
+
+    for path in (cache_dir() / f"{name}.safetensors", cache_dir() / name):
+        if path.exists():
+            return path
+    return None
+
+
 def resolve_model(model: str | os.PathLike) -> Path:
-    """A path as given, or a shipped model's name (with or without .safetensors)."""
+    """A path as given, a shipped model's name (with or without .safetensors), or an official
+    model's name once `smfsr download` has brought it."""
     path = Path(model)
     if path.exists():
         return path
     name = path.name.removesuffix(".safetensors")
-    if str(model) == path.name and name in SHIPPED and shipped(name).exists():
+    by_name = str(model) == path.name
+    if by_name and name in SHIPPED and shipped(name).exists():
         return shipped(name)
+    if by_name and name in OFFICIAL:
+        found = downloaded(name)
+        if found is not None:
+            return found
+        raise SMFSRError(f"{model}: the official weights are not downloaded yet; `smfsr download {name} --bundle` "
+                         "brings them (about 16 GB, SD3.5's parts are gated: the command says how to log in), or "
+                         "pass the path of a file you have")
     known = ", ".join(SHIPPED)
-    raise SMFSRError(f"{model}: no such file or folder (shipped models, usable by name: {known})")
+    raise SMFSRError(f"{model}: no such file or folder (shipped models, usable by name: {known}; the official "
+                     f"ones after `smfsr download`: {', '.join(OFFICIAL)})")
 
 
 def default_model_path() -> Path:
