@@ -37,6 +37,7 @@ from .codec import LatentCodec, LatentScale
 from .color import color_fix
 from .errors import SMFSRError
 from .estimate import Estimator, announcement
+from .memory import check_fits
 from .imageio import RGBAlpha, check_size, from_pil, to_pil
 from .options import Settings, UpscaleOptions, VAETiling
 from .runtime import FirstCallTimer, Runtime, prepare
@@ -148,7 +149,9 @@ class SMFSRUpscaler:
         whole or as the keywords; it is checked before anything loads. ``place=False`` leaves the
         weights on the CPU for a host whose memory manager moves them (ComfyUI)."""
         runtime = (runtime or Runtime(device, dtype, weights, block_swap, compile)).resolved()
-        bundle = load_model(resolve_model(path) if path is not None else default_model_path())
+        path = resolve_model(path) if path is not None else default_model_path()
+        check_fits(path, runtime, gpu=place)  # from the header and free memory, before the weights load
+        bundle = load_model(path)
         if vae is not None:
             from .checkpoint import import_vae
 

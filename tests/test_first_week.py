@@ -135,3 +135,27 @@ def test_import_smfsr_from_the_clones_parent_folder(tmp_path):
                          timeout=300)
     assert run.returncode == 0, run.stderr[-2000:]
     assert str(clone / "smfsr" / "pipeline.py") in run.stdout  # the clone's core package, not another one
+
+
+def test_a_model_too_large_for_this_machine_is_refused_with_the_numbers_before_it_loads(tmp_path, tiny_bundle_path):
+    """A bundle whose header describes a 1 TiB tensor (a sparse file: no disk used): the door says
+    how much memory it would need, how much is free and what lowers it, instead of being killed."""
+    import json
+
+    from smfsr.checkpoint.safe_read import read_header
+
+    metadata, _ = read_header(tiny_bundle_path)
+    values = 2**38  # F32: 1 TiB
+    header = json.dumps({"__metadata__": metadata,
+                         "transformer.huge": {"dtype": "F32", "shape": [values], "data_offsets": [0, 4 * values]}})
+    header += " " * (-len(header) % 8)
+    huge = tmp_path / "huge.safetensors"
+    with open(huge, "wb") as f:
+        f.write(len(header).to_bytes(8, "little") + header.encode())
+        f.truncate(8 + len(header) + 4 * values)
+    Image.fromarray(photo_like(24, 32)).save(tmp_path / "tiny.png")
+    run, seconds = cli("upscale", "tiny.png", "-o", "out.png", "--model", "huge.safetensors", cwd=tmp_path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert "huge.safetensors needs about 1024.0 GiB of memory to load" in run.stderr
+    assert "GiB are free: set --weights to fp8_e4m3fn" in run.stderr and "--dtype to bf16" in run.stderr
+    assert not (tmp_path / "out.png").exists() and seconds < EARLY_SECONDS

@@ -1,0 +1,83 @@
+"""Will a model fit? Said before its weights load, from the file's header and the machine's free
+memory, instead of the OS killing the process halfway through a 10 GB load.
+
+The estimate is of the load's peak: the stored tensors (read into host memory) plus the network in
+its compute dtype when that differs (both exist while it is cast), or only the blocks kept off a
+GPU with block swap; fp8 weights count one byte for the blocks' linear layers. A bundle's VAE and
+prompt are small and counted as stored.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import SMFSRError
+
+BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+         "F8_E4M3": 1, "F8_E5M2": 1}
+FP8_SHARE = 0.99  # the share of a transformer's weights in its blocks' linears (fp8 with --weights fp8; README)
+
+
+def stored_tensors(path: str | os.PathLike) -> list[tuple[bool, int, str]]:
+    """(part of the transformer?, elements, dtype) of every tensor of a bundle or an official folder."""
+    from .checkpoint.peek import find_weights, transformer_folder
+    from .checkpoint.safe_read import read_header
+
+    path = Path(path)
+    if path.is_file():
+        return [(name.startswith("transformer."), math.prod(shape), dtype)
+                for name, (shape, dtype) in read_header(path)[1].items()]
+    found = [(True, math.prod(s), d) for s, d in read_header(find_weights(transformer_folder(path)))[1].values()]
+    if (path / "vae").is_dir():
+        found += [(False, math.prod(s), d) for s, d in read_header(find_weights(path / "vae"))[1].values()]
+    return found
+
+
+def needed_bytes(tensors: list[tuple[bool, int, str]], compute: torch.dtype, fp8: bool) -> tuple[int, int]:
+    """(host bytes at the load's peak, bytes of the networks as they run) for these tensors."""
+    size = torch.empty((), dtype=compute).element_size()
+    stored = sum(n * BYTES.get(d, 4) for _, n, d in tensors)
+    transformer = sum(n for is_transformer, n, _ in tensors if is_transformer)
+    other = sum(n for is_transformer, n, _ in tensors if not is_transformer)
+    per_value = FP8_SHARE + (1 - FP8_SHARE) * size if fp8 else size
+    running = int(transformer * per_value) + other * size
+    as_stored = all(BYTES.get(d, 4) == size for _, _, d in tensors) and not fp8  # no cast: no second copy
+    return stored + (0 if as_stored else running), running
+
+
+def free_host_bytes() -> int | None:
+    """MemAvailable (what can be used without swapping), or None where /proc/meminfo is absent."""
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_fits(path: str | os.PathLike, runtime, *, gpu: bool = True) -> None:
+    """Refuse, with the numbers and the settings that lower them, a model that cannot load here.
+    ``runtime`` is a resolved ``runtime.Runtime``; ``gpu=False`` checks host memory only (a host
+    whose memory manager frees the GPU for the model, ComfyUI's, decides there)."""
+    tensors = stored_tensors(path)
+    host, running = needed_bytes(tensors, runtime.dtype, runtime.weights == "fp8")
+    free = free_host_bytes()
+    lower = []
+    if runtime.weights != "fp8":
+        lower.append("set ${weights} to fp8_e4m3fn (about half of bf16)")
+    if runtime.dtype == torch.float32:
+        lower.append("set ${dtype} to bf16" + (" (half of fp32)" if runtime.device.type != "cpu" else
+                                               " (half of fp32; slower on some CPUs)"))
+    if free is not None and host > free:
+        raise SMFSRError(f"{Path(path).name} needs about {host / 2**30:.1f} GiB of memory to load "
+                         f"({sum(n for _, n, _ in tensors) / 1e9:.2f} B values), and {free / 2**30:.1f} GiB are free: "
+                         + ("; ".join(lower) or "close other programs") + ", or free memory")
+    if gpu and runtime.device.type == "cuda":
+        free_gpu, _ = torch.cuda.mem_get_info(runtime.device)
+        if running > free_gpu and runtime.block_swap in (0, "0"):
+            raise SMFSRError(f"{Path(path).name} needs about {running / 2**30:.1f} GiB on {runtime.device} and "
+                             f"{free_gpu / 2**30:.1f} GiB are free: set ${{block_swap}} to auto (blocks streamed from "
+                             "system memory)" + ("; " + "; ".join(lower) if lower else ""))
