@@ -50,6 +50,9 @@ def add_text_encoder_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--t5", help="ComfyUI's t5xxl_fp16.safetensors (or an fp8 one)")
     group.add_argument("--tokenizers", help="a ComfyUI install or a diffusers SD3.5 folder (single files carry none)")
     group.add_argument("--t5-dtype", choices=["bf16", "fp32"], default="bf16", help="T5-XXL's precision (default bf16)")
+    group.add_argument("--t5-tokens", type=_number(int, "--t5-tokens", 1, inclusive=True), default=256,
+                       help="T5 tokens in the embedding: 256 as the official inference (77 CLIP + 256 = 333, the "
+                            "default), 77 as the official training and ComfyUI's SD3 CLIPTextEncode (154)")
     group.add_argument("--text-device", type=_device, default="cpu",
                        help="where the text encoders run (default cpu: T5-XXL needs about 10 GB in bf16)")
 

@@ -195,7 +195,7 @@ def text_sources(args: argparse.Namespace):
 def encode(sources, text: str, args: argparse.Namespace):
     from .text_encoders import encode_text
 
-    return encode_text(sources, text, t5_dtype=args.t5_dtype, device=args.text_device,
+    return encode_text(sources, text, t5_dtype=args.t5_dtype, device=args.text_device, t5_tokens=args.t5_tokens,
                        say=lambda message: print(message, file=sys.stderr))
 
 

@@ -262,15 +262,17 @@ def clip_truncated(pipe, text: str) -> bool:
 
 
 def encode_text(sources: Sources, text: str, *, t5_dtype: str = "bf16", device: str = "cpu",
-                say=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(embeds, pooled) of ``text`` with SD3.5's encoders from ``sources``; they are freed when this
-    returns. ``say(message)`` hears what is happening (loading T5-XXL takes a while)."""
+                t5_tokens: int = T5_TOKENS, say=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(embeds (1, 77 + t5_tokens, 4096), pooled) of ``text`` with SD3.5's encoders from ``sources``;
+    they are freed when this returns. ``t5_tokens``: 256 as official inference (333 tokens in all),
+    77 as official training and ComfyUI's SD3 CLIPTextEncode (154). ``say(message)`` hears what is
+    happening (loading T5-XXL takes a while)."""
     say = say or (lambda message: None)
     say(f"encoding the prompt with SD3.5's text encoders (T5-XXL in {t5_dtype} on {device}) ...")
     pipe = load_pipeline(sources, t5_dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[t5_dtype], device=device)
     if clip_truncated(pipe, text):
         say("note: CLIP reads the first 77 tokens of the prompt, T5 all of it (as SD3.5 always does)")
-    embeds, pooled = encode_prompt(pipe, text)
+    embeds, pooled = encode_prompt(pipe, text, max_sequence_length=t5_tokens)
     del pipe
     return embeds, pooled
 

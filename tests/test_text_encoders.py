@@ -61,6 +61,20 @@ def test_encode_prompt_gives_the_diffusers_pipelines_tensors(encoders, reference
         assert f.metadata()["prompt"] == TEXT
 
 
+@pytest.mark.slow
+def test_t5_tokens_77_gives_the_training_and_comfyui_length(encoders, tmp_path):
+    """--t5-tokens 77: 77 CLIP + 77 T5 = 154 tokens (the official training's and ComfyUI's SD3
+    CLIPTextEncode's length), equal to diffusers' pipeline at max_sequence_length=77."""
+    out = tmp_path / "prompt77.safetensors"
+    run = smfsr("encode-prompt", "--text", TEXT, "-o", out, "--t5-dtype", "fp32", "--t5-tokens", "77",
+                "--sd35", encoders["sd35"])
+    assert run.returncode == 0, run.stderr
+    embeds, pooled = written(out)
+    reference = diffusers_reference_embedding(encoders["sd35"], TEXT, max_sequence_length=77)
+    assert embeds.shape == (1, 154, TINY_TEXT["t5"])
+    assert (embeds - reference[0]).abs().max() <= 1e-5 and (pooled - reference[1]).abs().max() <= 1e-5
+
+
 def test_t5_in_bf16_and_from_an_fp8_file_stays_close(encoders, reference):
     from smfsr.text_encoders import encode_prompt, find_sources, load_pipeline
 
