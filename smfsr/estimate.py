@@ -21,6 +21,7 @@ from .tiling.latent import tile_grid
 
 WARMUP_TOKENS = 256  # the largest warm-up tile, in transformer tokens
 WARMUP_PIXELS = 128 * 128  # the codec's warm-up image
+WARMUP_SECONDS = 0.5  # fast warm-ups are repeated this long
 ESTIMATE_FROM_PIXELS = 1_000_000  # smaller outputs are not worth a warm-up: seconds at most on any device
 ANNOUNCE_SECONDS = 30.0  # jobs estimated longer than this are announced ...
 ANNOUNCE_PIXELS = 8_000_000  # ... and so is every output this large, whatever the estimate
@@ -101,7 +102,7 @@ class Estimator:
         t = torch.ones(1, device=up.device)
         r = torch.zeros(1, device=up.device) if up.transformer.is_average_velocity else None
         with torch.no_grad():
-            elapsed = _best_of_two(lambda: up.transformer(z, z, embeds, pooled, t, r), up.device)
+            elapsed = _time_of(lambda: up.transformer(z, z, embeds, pooled, t, r), up.device)
         return elapsed * tokens / ((size[0] // patch) * (size[1] // patch))
 
     def _time_codec(self) -> float:
@@ -117,22 +118,23 @@ class Estimator:
             codec.decode_raw(mean)
 
         with torch.no_grad():
-            return _best_of_two(run, self.upscaler.device) / (side * side)
+            return _time_of(run, self.upscaler.device) / (side * side)
 
 
-def _best_of_two(run, device: torch.device) -> float:
-    """The time of ``run()``; a fast first call (allocations, lazy set-up) is run once more and the
-    better time kept, a slow one is not repeated."""
+def _time_of(run, device: torch.device) -> float:
+    """The time of one ``run()``: a slow first call is taken as it is; a fast one (milliseconds, so
+    noisy) is repeated for about WARMUP_SECONDS and the median kept, the first (set-up) call dropped."""
     times = []
-    for _ in range(2):
+    while True:
         start = time.perf_counter()
         run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         times.append(time.perf_counter() - start)
-        if times[0] > 1.0:
+        if times[0] > 1.0 or len(times) >= 25 or sum(times[1:]) > WARMUP_SECONDS:
             break
-    return min(times)
+    timed = sorted(times[1:] or times)
+    return timed[len(timed) // 2]
 
 
 def announcement(upscaler, height: int, width: int, settings) -> str | None:
