@@ -18,6 +18,26 @@ def refuse_existing(target: str | os.PathLike, overwrite: bool) -> Path:
     return target
 
 
+def probe_writable(folder: str | os.PathLike, fix: str) -> Path:
+    """The nearest existing folder at or above ``folder``, after a real write probe there (a
+    permission check says nothing on a read-only file system or as root); nothing is created.
+    ``fix`` ends the message when it cannot be written."""
+    from .errors import SMFSRError
+
+    folder = Path(folder)
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise SMFSRError(f"cannot write to {folder}: {existing} is a file, not a folder; {fix}")
+    try:
+        with tempfile.TemporaryFile(dir=existing, prefix=".smfsr-probe-"):
+            pass
+    except OSError as e:
+        raise SMFSRError(f"cannot write to {folder} ({e.strerror or e}); {fix}") from None
+    return existing
+
+
 def write_atomically(target: str | os.PathLike, write: Callable[[str], None]) -> Path:
     """``write(tmp)`` writes a temporary file in the target's folder, which then replaces the target
     in one rename; on any failure nothing is left behind. The file gets the permissions a plain

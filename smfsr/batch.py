@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import glob
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import write_atomically
+from .atomic import probe_writable, write_atomically
 from .errors import SMFSRError
 from .imageio import is_image_path, open_image
 
@@ -88,22 +87,10 @@ def keep_readable(jobs: list[Job], max_pixels: int, report) -> tuple[list[Job], 
 
 
 def check_writable(folders: set[Path]) -> None:
-    """Each output folder can take a new file: probed for real in the folder, or in its nearest
-    existing parent when it does not exist yet (a permission check says nothing on a read-only file
-    system or as root). Nothing is created."""
+    """Each output folder can take a new file (probed in it, or in its nearest existing parent when
+    it does not exist yet). Nothing is created."""
     for folder in sorted(folders):
-        existing = folder
-        while not existing.exists() and existing != existing.parent:
-            existing = existing.parent
-        if not existing.is_dir():
-            raise SMFSRError(f"cannot write to the output folder {folder}: {existing} is a file, not a folder; "
-                             "choose another -o")
-        try:
-            with tempfile.TemporaryFile(dir=existing, prefix=".smfsr-probe-"):
-                pass
-        except OSError as e:
-            raise SMFSRError(f"cannot write to the output folder {folder} ({e.strerror or e}); "
-                             "choose another -o") from None
+        probe_writable(folder, "choose another -o")
 
 
 def distributed_rank() -> tuple[int, int, int]:

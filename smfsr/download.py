@@ -24,6 +24,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from .atomic import probe_writable
 from .errors import SMFSRError
 
 HUB = "https://huggingface.co"
@@ -213,16 +214,7 @@ def listing(source: Source, revision: str | None, endpoint: str) -> tuple[str, l
 
 def check_room(folder: Path, needed: int) -> None:
     """The destination can take ``needed`` bytes and a new file (probed; nothing is created)."""
-    import tempfile
-
-    existing = folder
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    try:
-        with tempfile.TemporaryFile(dir=existing, prefix=".smfsr-probe-"):
-            pass
-    except OSError as e:
-        raise SMFSRError(f"cannot write to {folder} ({e.strerror or e}); choose another -o / --comfyui-dir") from None
+    existing = probe_writable(folder, "choose another -o / --comfyui-dir / --a1111-dir")
     free = shutil.disk_usage(existing).free
     if needed > free:
         raise SMFSRError(f"not enough disk space in {existing}: the download needs {needed / 1e9:.1f} GB, "
@@ -361,8 +353,6 @@ def download(name: str, *, door: str = "cli", out: str | None = None, comfyui_di
         raise SMFSRError(f"unknown download {name!r}; the names: {', '.join(SOURCES)}")
     if door not in DOORS:
         raise SMFSRError(f"--for must be one of {', '.join(DOORS)}, not {door!r}")
-    if offline():
-        raise offline_error()
     source = SOURCES[name]
     layout = Layout.of(door, out, comfyui_dir, a1111_dir)
     if bundle and source.role != "transformer":

@@ -59,7 +59,7 @@ USAGE = [
     (["good.png", "-o", "out/x.png", "--device", "tpu"], 2, "unknown device 'tpu'"),
     (["good.png", "-o", "out/x.png", "--dtype", "int8"], 2, "invalid choice: 'int8'"),
     (["good.png", "-o", "out/x.png", "--vae-tile", "huge"], 2, "--vae-tile must be 'auto', 'off' or a number"),
-    (["good.png", "-o", "a-file/x.png"], 2, "cannot write to the output folder"),
+    (["good.png", "-o", "a-file/x.png"], 2, "cannot write to a-file: a-file is a file, not a folder; choose another -o"),
     (["good.png", "-o", "out/x.png", "--overwrite", "--skip-existing"], 2, "not allowed with argument"),
 ]
 

@@ -71,7 +71,7 @@ def test_mistakes_are_said_within_seconds_before_torch_and_leave_no_folder(tiny_
     assert sorted(p.name for p in tiny_png.iterdir()) == before  # no output folder left behind
 
 
-def test_a_run_refused_after_loading_leaves_no_folder(tiny_png):
+def test_a_run_whose_only_input_fails_leaves_no_folder(tiny_png):
     """The only input cannot be read: the run fails and the output folder was never made."""
     (tiny_png / "fake.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
     run, _ = cli("upscale", "fake.png", "-o", "deep/new/folder", cwd=tiny_png)
