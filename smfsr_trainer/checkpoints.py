@@ -1,6 +1,7 @@
 """Checkpoints: ``<output_dir>/<stage>/checkpoint-<step>/`` holds the accelerate state (networks,
-optimizers, RNG), the EMA weights (safetensors) and the step. Written to a temporary folder and
-renamed, so an interrupted save never leaves a checkpoint that looks whole."""
+optimizers, RNG; sharded per process under FSDP), the EMA weights (one safetensors file, gathered)
+and the step. Written to a temporary folder and renamed, so an interrupted save never leaves a
+checkpoint that looks whole."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from safetensors.torch import load_file, save_file
 
@@ -25,8 +27,9 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, micro: int, 
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    average = ema.full()  # every process: a gather under FSDP
     if accelerator.is_main_process:
-        save_file({k: v.contiguous() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"),
+        save_file({k: v.contiguous() for k, v in average.items()}, str(tmp / "ema.safetensors"),
                   metadata={"decay": str(ema.decay)})
         (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "micro": micro}))
         if final.exists():
@@ -38,9 +41,10 @@ def save_checkpoint(accelerator: Accelerator, out: Path, step: int, micro: int, 
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA) -> tuple[int, int]:
-    """Restores the state saved at ``path``; returns (step, micro-batch)."""
+def load_checkpoint(accelerator: Accelerator, path: Path, ema: EMA, model: torch.nn.Module) -> tuple[int, int]:
+    """Restores the state saved at ``path`` (``model``: the network the EMA follows, as prepared);
+    returns (step, micro-batch)."""
     accelerator.load_state(str(path))
-    ema.shadow = {k: v.float() for k, v in load_file(str(path / "ema.safetensors")).items()}
+    ema.load(load_file(str(path / "ema.safetensors")), model)
     state = json.loads((path / "trainer_state.json").read_text())
     return int(state["step"]), int(state["micro"])

@@ -26,7 +26,11 @@ class TrainConfig:
     teacher: str | None = None  # meanflow, refine: the frozen teacher (default: <output_dir>/flow.safetensors)
     vae: str | None = None  # bundle with a VAE, or a diffusers VAE folder/file
     vae_preset: str | None = None  # a VAE preset: a fixed codec (space-to-depth-x4) or a random VAE (tests)
-    trainable: str = "all"  # all | control (only *_control layers: fine-tuning a pretrained SD3.5 DiT)
+    trainable: str = "all"  # all | control (only the LR-stream *_control layers) | lora (adapters, peft)
+    lora_rank: int = 32  # trainable lora: the adapters' rank
+    lora_alpha: float = 0.0  # their alpha (0: = rank, i.e. scaling 1)
+    lora_targets: str = ""  # comma-separated layer names to adapt (empty: every attention and MLP projection)
+    export_adapter: bool = False  # trainable lora: also write <stage>-lora.safetensors, the adapters alone
     gradient_checkpointing: bool = False
     prompt_embeds: str | None = None  # .safetensors with 'embeds'/'pooled'; None: a zero "null" prompt
     null_prompt_embeds: str | None = None  # the empty-prompt embedding for dropout/CFG; None: zeros
@@ -67,8 +71,7 @@ class TrainConfig:
     teacher_cfg: float = 1.0  # classifier-free guidance inside the teacher target (1 = off)
 
     # --- refine stage (DINOv3 GAN + VSD, method.md 2.5; README "Choices") -------------------------
-    generator_lora_rank: int = 0  # 0: the generator trains fully (its `trainable` layers); > 0: as a LoRA
-    fake_lora_rank: int = 16  # the VSD fake score: a LoRA of this rank on a copy of the teacher
+    fake_lora_rank: int = 16  # the VSD fake score: LoRA adapters of this rank on the teacher itself
     fake_learning_rate: float = 1e-4
     refine_steps: str = "1"  # generator step counts trained, drawn per micro-batch ("1,2,4": multi-step stays good)
     disc_backbone: str | None = None  # the discriminator's frozen backbone: a transformers folder (DINOv3, the
@@ -116,8 +119,16 @@ class TrainConfig:
             raise SystemExit("config: VSD needs a fake score: set fake_lora_rank >= 1 (or weight_vsd 0)")
         if not 0 <= self.vsd_t_min < self.vsd_t_max <= 1:
             raise SystemExit("config: need 0 <= vsd_t_min < vsd_t_max <= 1")
-        if self.trainable not in ("all", "control"):
-            raise SystemExit(f"config: trainable must be 'all' or 'control', not {self.trainable!r}")
+        if self.trainable not in ("all", "control", "lora"):
+            raise SystemExit(f"config: trainable must be 'all', 'control' or 'lora', not {self.trainable!r}")
+        if self.trainable == "lora" and self.stage == "vae":
+            raise SystemExit("config: stage vae trains a codec from scratch; trainable lora is for the transformer "
+                             "stages (flow, meanflow, refine)")
+        if self.trainable == "lora" and self.lora_rank < 1:
+            raise SystemExit(f"config: lora_rank {self.lora_rank}: a LoRA needs rank >= 1 (16-64 is usual); "
+                             "or set trainable all/control")
+        if self.lora_alpha < 0:
+            raise SystemExit(f"config: lora_alpha {self.lora_alpha} must be >= 0 (0: the rank)")
         if self.degradation not in ("realesrgan", "bicubic", "mixed"):
             raise SystemExit(f"config: degradation must be 'realesrgan', 'bicubic' or 'mixed', not {self.degradation!r}")
         if self.crop % (8 * self.scale):
@@ -144,6 +155,47 @@ def _parse_file(path: Path) -> dict[str, Any]:
     return yaml.safe_load(text) or {}
 
 
+RENAMED = {"generator_lora_rank": "trainable: lora with lora_rank (every stage can train as a LoRA now)",
+           "cache_latents": "nothing (latents are computed per batch)", "cache_size": "nothing"}
+
+
+def _unknown_keys(keys: set[str], source: str) -> SystemExit:
+    import difflib
+
+    names = [f.name for f in dataclasses.fields(TrainConfig)]
+    lines = []
+    for key in sorted(keys):
+        if key in RENAMED:
+            lines.append(f"  {key}: replaced by {RENAMED[key]}")
+        else:
+            close = difflib.get_close_matches(key, names, n=1)
+            lines.append(f"  {key}: " + (f"did you mean {close[0]}?" if close else "not a setting"))
+    return SystemExit(f"{source}: unknown settings\n" + "\n".join(lines) +
+                      "\n(every setting: smfsr_trainer/config.py, TrainConfig)")
+
+
+def _check_type(key: str, value: Any, kind: Any, source: str) -> Any:
+    """A value from a file against its field's type (YAML gives ints for floats, strings for None)."""
+    text = str(kind)
+    if value is None and "None" in text:
+        return None
+    if "bool" in text:
+        ok = isinstance(value, bool)
+    elif "float" in text:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif "int" in text:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    else:  # str: a number is accepted as its text ("refine_steps: 1")
+        ok = isinstance(value, (str, int, float)) and not isinstance(value, bool)
+        value = str(value) if ok else value
+    if not ok:
+        wanted = "true/false" if "bool" in text else "a number" if "float" in text else \
+            "a whole number" if "int" in text else "text"
+        raise SystemExit(f"{source}: {key} must be {wanted}, not {value!r} ({type(value).__name__})")
+    return value
+
+
 def _cast(kind: Any, value: str) -> Any:
     text = str(kind)
     if value.lower() in ("none", "null") and "None" in text:
@@ -166,26 +218,52 @@ def load_config(argv: list[str] | None = None) -> tuple[TrainConfig, argparse.Na
     parser = argparse.ArgumentParser(description="SMFSR trainer (run it with accelerate launch)")
     parser.add_argument("--config", help="YAML or TOML file")
     parser.add_argument("--export-only", action="store_true", help="export the latest checkpoint's EMA weights and exit")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="build the stage's networks on the meta device (no weights read) and print parameters "
+                             "and memory per GPU, then exit")
+    parser.add_argument("--processes", type=int, default=None,
+                        help="dry run: the number of processes (GPUs) to plan for (default: as launched)")
+    parser.add_argument("--sharding", choices=("none", "fsdp"), default=None,
+                        help="dry run: plan for FSDP sharding (default: as launched, i.e. accelerate's config)")
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         flag = "--" + f.name.replace("_", "-")
         if f.name == "resume":
-            parser.add_argument(flag, action="store_true", default=None, help="resume from the latest checkpoint")
+            parser.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
+                                help="resume from the latest checkpoint")
             continue
-        parser.add_argument(flag, dest=f.name, default=None, type=lambda v, k=hints[f.name]: _cast(k, v))
+        # SUPPRESS: an option given is in args even when its value is None ("--vae none" clears the file's)
+        parser.add_argument(flag, dest=f.name, default=argparse.SUPPRESS, type=lambda v, k=hints[f.name]: _cast(k, v))
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if args.config:
         values = _parse_file(Path(args.config))
         unknown = set(values) - {f.name for f in dataclasses.fields(TrainConfig)}
         if unknown:
-            raise SystemExit(f"{args.config}: unknown settings {sorted(unknown)}")
+            raise _unknown_keys(unknown, args.config)
+        values = {k: _check_type(k, v, hints[k], args.config) for k, v in values.items()}
     for f in dataclasses.fields(TrainConfig):
-        if getattr(args, f.name) is not None:
+        if f.name in vars(args):
             values[f.name] = getattr(args, f.name)
     config = TrainConfig(**values)
     config.validate()
     return config, args
+
+
+def launch_plan(args: argparse.Namespace) -> tuple[int, str]:
+    """(processes, sharding) the run has: as ``accelerate launch`` set them (its environment), or
+    the dry run's --processes/--sharding."""
+    import os
+
+    processes = args.processes or int(os.environ.get("WORLD_SIZE", "1"))
+    sharding = args.sharding or ("fsdp" if os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true" else "none")
+    if processes < 1:
+        raise SystemExit(f"--processes {processes}: need at least 1")
+    if sharding == "fsdp" and processes == 1:
+        raise SystemExit("FSDP with one process shards nothing (and accelerate would silently train unsharded): "
+                         "launch with --num_processes 2 or more (configs/accelerate_fsdp.yaml sets 8), or drop "
+                         "the FSDP config for a single GPU")
+    return processes, sharding
 
 
 def dump(config: TrainConfig) -> str:

@@ -3,7 +3,6 @@ exported bundle (``to_bundle``). Stage-specific networks are built by the stages
 
 from __future__ import annotations
 
-import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,10 +15,10 @@ from smfsr.checkpoint import Bundle, PipelineDefaults, build_transformer, build_
 from smfsr.codec import LatentCodec
 from smfsr.models.presets import vae_config
 
+from .conditioning import Condition
 from .config import TrainConfig
 from .ema import EMA
-from .lora import has_lora, merged_state_dict
-from .conditioning import Condition
+from .lora import LoraSpec, add_lora, merge_lora, parse_targets
 
 
 @dataclass
@@ -65,22 +64,51 @@ def text(path: str | None, joint: int, pooled: int) -> tuple[torch.Tensor, torch
     return torch.zeros(1, 1, joint), torch.zeros(1, pooled)  # a "null" prompt for caption-free training
 
 
-def load_bundle_of_kind(path: str, what: str, *, average_velocity: bool) -> Bundle:
-    """A bundle whose transformer is (``average_velocity``) a mean-flow student or a flow teacher."""
+def load_bundle_of_kind(path: str, what: str, *, average_velocity: bool, dtype: torch.dtype = torch.float32
+                        ) -> Bundle:
+    """A bundle whose transformer is (``average_velocity``) a mean-flow student or a flow teacher, in
+    ``dtype`` whatever the file stores: float32 for a network that trains, the mixed-precision dtype
+    for a frozen teacher (so a 2.7 B teacher never exists in float32)."""
     if not Path(path).exists():
         raise SystemExit(f"stage needs {what}: {path} does not exist (run the stage that exports it, or set it)")
-    bundle = load_model(path, dtype=torch.float32)  # trained in float32, whatever the file stores
+    bundle = load_model(path, dtype=dtype)
     if bundle.transformer.is_average_velocity != average_velocity:
         kind = "a mean-flow (one-step) student" if average_velocity else "a flow teacher"
         raise SystemExit(f"{path} is not {kind}, as {what} must be")
     return bundle
 
 
-def select_trainable(model: torch.nn.Module, mode: str) -> None:
-    """``all``, or ``control``: only the DiT4SR LR-stream layers (+ the interval embedding, which a
-    student initialised from a teacher must learn)."""
+def lora_spec(config: TrainConfig) -> LoraSpec:
+    return LoraSpec(config.lora_rank, config.lora_alpha, parse_targets(config.lora_targets))
+
+
+# What a student initialised from a teacher has that the teacher had not (meanflow stage): the
+# interval embedding, trained in every mode, since a low-rank update of a fresh layer cannot learn it.
+NEW_LAYERS = ("interval_embedder",)
+
+
+def select_trainable(model: torch.nn.Module, config: TrainConfig, new_layers: tuple[str, ...] = ()) -> None:
+    """``trainable``: ``all``; ``control``: only the DiT4SR LR-stream layers (and the interval
+    embedding); ``lora``: adapters on every projection (``lora_rank``, ``lora_alpha``,
+    ``lora_targets``) plus ``new_layers`` in full."""
+    if config.trainable == "lora":
+        add_lora(model, lora_spec(config), seed=config.seed, also_train=new_layers)
+        return
     for name, p in model.named_parameters():
-        p.requires_grad_(mode == "all" or "control" in name or "interval_embedder" in name)
+        p.requires_grad_(config.trainable == "all" or "control" in name or "interval_embedder" in name)
+
+
+def weight_dtype(config: TrainConfig) -> torch.dtype:
+    """The dtype frozen weights are kept in: the mixed-precision one (trained weights stay float32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.mixed_precision, torch.float32)
+
+
+def freeze_in(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Parameters that do not train, stored in ``dtype``: half the memory of a frozen teacher or of a
+    LoRA run's base weights under bf16, where autocast computes in bf16 anyway."""
+    for p in module.parameters():
+        if not p.requires_grad and p.dtype.is_floating_point:
+            p.data = p.data.to(dtype)
 
 
 def with_frozen_parts(config: TrainConfig, trained: torch.nn.Module, teacher: torch.nn.Module | None,
@@ -97,6 +125,9 @@ def with_frozen_parts(config: TrainConfig, trained: torch.nn.Module, teacher: to
     null = text(config.null_prompt_embeds, c.joint_attention_dim, c.pooled_projection_dim)
     if teacher is not None:
         teacher.eval().requires_grad_(False)
+    for module in (trained, teacher, vae):
+        if module is not None:
+            freeze_in(module, weight_dtype(config))
     return Networks(trained, teacher, LatentCodec(scale, shift, vae), prompt, null)
 
 
@@ -126,15 +157,26 @@ def null_condition(nets: Networks, cond: Condition) -> Condition:
                      nets.null[1].to(device).expand_as(cond.pooled))
 
 
-def ema_model(nets: Networks, ema: EMA) -> torch.nn.Module:
-    """The EMA weights as a plain transformer (a LoRA generator's adapters merged in)."""
-    model = build_transformer(dict(nets.trained.config))
-    if has_lora(nets.trained):
-        adapted = copy.deepcopy(nets.trained)
-        ema.copy_to(adapted)
-        model.load_state_dict(merged_state_dict(adapted))
-    else:
-        ema.copy_to(model)
+def averaged_weights(accelerator, model: torch.nn.Module, ema: EMA) -> dict[str, torch.Tensor] | None:
+    """What a stage exports and validates: the model's weights with the EMA average in place of
+    those that train. Every process calls it (FSDP gathers the shards); the main process gets the
+    full state dict, the others None."""
+    current = accelerator.get_state_dict(model)
+    average = ema.full()
+    if not accelerator.is_main_process:
+        return None
+    return {**{k: v.detach().cpu() for k, v in current.items()}, **average}
+
+
+def plain_model(nets: Networks, weights: dict[str, torch.Tensor], config: TrainConfig) -> torch.nn.Module:
+    """``weights`` (from ``averaged_weights``) as a plain transformer, LoRA adapters merged in. The
+    tensors are adopted as they are (trained ones float32, frozen ones in the dtype they were kept
+    in), so exporting a 2.7 B LoRA run adds only its merged layers to memory, not a float32 copy."""
+    if config.trainable == "lora":
+        weights = merge_lora(weights, lora_spec(config).scaling)
+    with torch.device("meta"):
+        model = build_transformer(dict(nets.trained.config))
+    model.load_state_dict(weights, assign=True)
     return model.eval().requires_grad_(False)
 
 

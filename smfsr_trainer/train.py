@@ -34,10 +34,10 @@ from accelerate.utils import set_seed  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from smfsr_trainer.checkpoints import checkpoints, load_checkpoint, save_checkpoint  # noqa: E402
-from smfsr_trainer.config import LR_SCHEDULES, TrainConfig, dump, load_config  # noqa: E402
+from smfsr_trainer.config import LR_SCHEDULES, TrainConfig, dump, launch_plan, load_config  # noqa: E402
 from smfsr_trainer.data import EpochSampler, SRPairs  # noqa: E402
 from smfsr_trainer.ema import EMA  # noqa: E402
-from smfsr_trainer.networks import Networks  # noqa: E402
+from smfsr_trainer.networks import Networks, averaged_weights, freeze_in, weight_dtype  # noqa: E402
 from smfsr_trainer.stages import Stage, get_stage  # noqa: E402
 
 log = logging.getLogger("smfsr.trainer")
@@ -66,11 +66,34 @@ def make_accelerator(config: TrainConfig) -> Accelerator:
         log_with = "tensorboard"
     except ImportError:
         log_with = None
+    cpu = not torch.cuda.is_available()
     # the schedulers step once per optimisation step, whatever the number of processes (the loop steps them)
-    return Accelerator(mixed_precision=config.mixed_precision,
-                       gradient_accumulation_steps=config.gradient_accumulation_steps, log_with=log_with,
-                       project_dir=str(Path(config.output_dir) / config.stage), cpu=not torch.cuda.is_available(),
-                       step_scheduler_with_optimizer=False)
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.gradient_accumulation_steps, log_with=log_with,
+                              project_dir=str(Path(config.output_dir) / config.stage), cpu=cpu,
+                              step_scheduler_with_optimizer=False)
+    if cpu:
+        shard_on_cpu(accelerator)
+    return accelerator
+
+
+def shard_on_cpu(accelerator: Accelerator) -> None:
+    """FSDP on CPU processes (gloo), as ``accelerate launch --use_fsdp`` asks: accelerate 1.x turns a
+    CPU launch into plain DDP and drops the FSDP settings, but torch's FSDP2 runs on gloo, so a
+    sharded run (its checkpoints, resume and export) can be rehearsed without GPUs. On GPUs
+    accelerate sets this up itself and this does nothing."""
+    from accelerate import PartialState
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    if os.environ.get("ACCELERATE_USE_FSDP", "").lower() != "true" or \
+            accelerator.distributed_type != DistributedType.MULTI_CPU:
+        return
+    plugin = FullyShardedDataParallelPlugin()  # from the launcher's FSDP_* environment
+    if plugin.fsdp_version != 2:
+        raise SystemExit("FSDP on CPU needs fsdp_version 2 (torch's fully_shard); FSDP1 needs GPUs")
+    # AcceleratorState copies PartialState's shared fields whenever it is built: set both
+    PartialState().distributed_type = accelerator.state.distributed_type = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def step_generator(config: TrainConfig, micro: int, rank: int) -> torch.Generator:
@@ -101,16 +124,17 @@ def at_step(scheduler, step: int) -> None:
 
 
 def prepare_players(stage: Stage, config: TrainConfig, nets: Networks, accelerator: Accelerator) -> list[Player]:
+    """Each trained network prepared with its own optimizer and schedule, one ``prepare`` call per
+    network (accelerate's FSDP2 shards one model per call)."""
     chosen = stage.trained(config, nets)
-    n = len(chosen)
-    optimizers = [adamw(model, lr, config) for _, model, lr in chosen]
-    schedulers = [lr_schedule(optimizer, config) for optimizer in optimizers]
-    prepared = accelerator.prepare(*(model for _, model, _ in chosen), *optimizers, *schedulers)
-    prepared = prepared if isinstance(prepared, tuple) else (prepared,)
-    models = dict(zip((name for name, _, _ in chosen), prepared[:n]))
+    models, parts = {}, []
+    for name, model, lr in chosen:
+        optimizer = adamw(model, lr, config)
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, lr_schedule(optimizer, config))
+        models[name] = model
+        parts.append((name, optimizer, scheduler))
     losses = stage.losses(config, nets, models)
-    return [Player(name, models[name], optimizer, scheduler, losses[name])
-            for (name, _, _), optimizer, scheduler in zip(chosen, prepared[n:2 * n], prepared[2 * n:])]
+    return [Player(name, models[name], optimizer, scheduler, losses[name]) for name, optimizer, scheduler in parts]
 
 
 def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
@@ -172,40 +196,45 @@ def main(argv: list[str] | None = None) -> Path | None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
     config, args = load_config(argv)
     stage = get_stage(config.stage)
+    processes, sharding = launch_plan(args)
+    if args.dry_run:
+        from smfsr_trainer.dry_run import dry_run
+
+        if int(os.environ.get("RANK", "0")) == 0:  # launched on N processes: one report
+            print(dry_run(config, stage, processes, sharding))
+        return None
     stage.check(config)
     out = Path(config.output_dir) / config.stage  # checkpoints and logs of this stage
     accelerator = make_accelerator(config)
     set_seed(config.seed)
     nets = stage.build(config)
     device = accelerator.device
-    for frozen in nets.frozen_modules():
-        frozen.to(device)
-    ema = EMA(nets.trained, config.ema_decay)
+    for frozen in nets.frozen_modules():  # in the mixed-precision dtype: autocast computes in it anyway
+        freeze_in(frozen.to(device), weight_dtype(config))
     dataset = SRPairs(config.train_dir, crop=config.crop, scale=config.scale, degradation=stage.degradation(config),
                       lr_dir=config.lr_dir, seed=config.seed)
     if len(dataset) < config.batch_size * accelerator.num_processes:
         raise SystemExit(f"data: {len(dataset)} images cannot fill one batch of {config.batch_size} on each of "
                          f"{accelerator.num_processes} processes; add images or lower batch_size")
-    loader = accelerator.prepare(DataLoader(dataset, batch_size=config.batch_size, drop_last=True,
-                                            sampler=EpochSampler(len(dataset), config.seed),
+    sampler = EpochSampler(len(dataset), config.seed)
+    loader = accelerator.prepare(DataLoader(dataset, batch_size=config.batch_size, drop_last=True, sampler=sampler,
                                             num_workers=config.num_workers))
     players = prepare_players(stage, config, nets, accelerator)
     generator = players[0].model  # the network the EMA follows and the stage exports
+    ema = EMA(accelerator.unwrap_model(generator), config.ema_decay)  # after prepare: sharded like it under FSDP
 
     step = micro = 0
     if config.resume or args.export_only:
         found = checkpoints(out)
         if found:
-            step, micro = load_checkpoint(accelerator, found[-1], ema)
+            step, micro = load_checkpoint(accelerator, found[-1], ema, accelerator.unwrap_model(generator))
             for player in players:
                 at_step(player.scheduler.scheduler, step)
             accelerator.print(f"resumed from {found[-1]} at step {step}")
         elif args.export_only:
             raise SystemExit(f"no checkpoint in {out} to export")
     if args.export_only:
-        path = stage.export(config, nets, ema) if accelerator.is_main_process else None
-        accelerator.print(f"exported {path}")
-        return path
+        return export(accelerator, stage, config, nets, generator, ema)
 
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
@@ -218,9 +247,13 @@ def main(argv: list[str] | None = None) -> Path | None:
         while step < config.max_steps and not stop.asked:
             epoch, skip = divmod(micro, per_epoch)
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
-            # accelerate's loaders keep their own epoch counter (restarting at 0 after a resume) and
-            # push it into the sampler on every pass: set ours on the loader we iterate.
+            # The epoch decides the sampler's order and the dataset's crops and degradations. accelerate's
+            # loaders keep their own counter and push it only so deep: a multi-process loader never
+            # reached the dataset (every epoch cropped as epoch 0) and a resumed one never reached the
+            # sampler. So the loop tells both itself, and the loader too (its counter must agree).
             batches.set_epoch(epoch)
+            sampler.set_epoch(epoch)
+            dataset.set_epoch(epoch)
             for batch in batches:
                 with accelerator.accumulate(*(p.model for p in players)):
                     state = stage.batch(config, nets, batch, step_generator(config, micro, accelerator.process_index),
@@ -252,13 +285,8 @@ def main(argv: list[str] | None = None) -> Path | None:
                     logged = []
                 for player in players:  # before a checkpoint, so a resumed run continues the schedule
                     player.scheduler.step()
-                if config.val_dir and config.val_every and step % config.val_every == 0 and accelerator.is_main_process:
-                    metrics, strip = stage.validate(config, nets, ema, device)
-                    accelerator.log(metrics, step=step)
-                    tracker = _tensorboard(accelerator)
-                    if tracker is not None:
-                        tracker.writer.add_images("val/images", strip, step)
-                    accelerator.print(f"step {step} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+                if config.val_dir and config.val_every and step % config.val_every == 0:
+                    validate(accelerator, stage, config, nets, averaged_weights(accelerator, generator, ema), step)
                 if step % config.checkpoint_every == 0 and step < config.max_steps:
                     save_checkpoint(accelerator, out, step, micro, ema, config.keep_checkpoints)
                 if step >= config.max_steps or stop.asked:
@@ -271,11 +299,31 @@ def main(argv: list[str] | None = None) -> Path | None:
     if os.environ.get("SMFSR_RANK_DIGESTS"):  # diagnostic: each rank's weights, to check DDP kept them in sync
         (out / f"weights-rank{accelerator.process_index}.sha256").write_text(
             weights_digest(accelerator.unwrap_model(generator)))
-    path = None
-    if accelerator.is_main_process:
-        path = stage.export(config, nets, ema)
-        accelerator.print(f"exported {path}")
+    path = export(accelerator, stage, config, nets, generator, ema)
     accelerator.end_training()
+    return path
+
+
+def validate(accelerator: Accelerator, stage: Stage, config: TrainConfig, nets: Networks, weights, step: int) -> None:
+    """Metrics and an image strip of the averaged weights, on the main process (``weights`` is None
+    on the others)."""
+    if not accelerator.is_main_process:
+        return
+    metrics, strip = stage.validate(config, nets, weights, accelerator.device)
+    accelerator.log(metrics, step=step)
+    tracker = _tensorboard(accelerator)
+    if tracker is not None:
+        tracker.writer.add_images("val/images", strip, step)
+    accelerator.print(f"step {step} " + " ".join(f"{k} {v:.3f}" for k, v in metrics.items()))
+
+
+def export(accelerator: Accelerator, stage: Stage, config: TrainConfig, nets: Networks, generator, ema: EMA
+           ) -> Path | None:
+    """The stage's file from the averaged weights: gathered on every process, written by the main one."""
+    weights = averaged_weights(accelerator, generator, ema)
+    path = stage.export(config, nets, weights) if accelerator.is_main_process else None
+    accelerator.print(f"exported {path}")
+    accelerator.wait_for_everyone()
     return path
 
 

@@ -101,8 +101,9 @@ def test_each_network_gets_gradients_only_from_its_own_loss(setup, backbone):
     loss, _ = fake_score_loss(config, r.fake, b)
     loss.backward()
     trained = grads(r.fake)
-    assert trained and all("lora_" in n for n in trained)  # only the adapters, never the teacher copy
-    assert not (grads(nets.trained) | grads(r.heads) | grads(r.teacher))
+    assert trained and all("lora_" in n for n in trained)  # only the adapters, never the teacher's weights
+    assert r.fake is r.teacher  # the fake score's adapters sit on the teacher: no second copy of it
+    assert not (grads(nets.trained) | grads(r.heads))
     clear(*everyone)
 
     loss, parts = discriminator_step_loss(config, r, r.heads, nets.codec, b)
@@ -161,7 +162,7 @@ def test_a_vsd_step_moves_samples_against_the_score_mismatch(setup):
     x0_fake - x0_real does not depend on x at all); what must hold is that a generator step moves
     its samples along -(x0_fake - x0_real), the direction that lowers KL(p_fake || p_real)."""
     from smfsr_trainer.stages import guided, velocity_fn
-    from smfsr_trainer.stages.refine import fake_score_loss, generator_loss, one_step
+    from smfsr_trainer.stages.refine import fake_score_loss, generator_loss, one_step, real_score_fn
     from smfsr_trainer.vsd import vsd_loss
 
     config, nets, batch = networks_and_batch(setup)
@@ -180,7 +181,7 @@ def test_a_vsd_step_moves_samples_against_the_score_mismatch(setup):
     vsd_noise = torch.randn(b.x.shape, generator=torch.Generator().manual_seed(2))
     t = torch.full((b.x.shape[0],), 0.5)
     x_hat = one_step(nets.trained, noise, b.cond)
-    real = guided(velocity_fn(r.teacher), 1.0, None, None)
+    real = guided(real_score_fn(r.teacher), 1.0, None, None)
     surrogate, mismatch = vsd_loss(x_hat, real, velocity_fn(r.fake), vsd_noise, t, b.cond)
     assert mismatch.min() > 0
     (direction,) = torch.autograd.grad(surrogate, x_hat, retain_graph=True)  # (x0_fake - x0_real) / (w n)
@@ -217,17 +218,47 @@ def test_refine_stage_resumes_exactly_and_exports_a_one_step_upscaler(setup, tmp
 
 
 def test_generator_as_a_lora_trains_only_adapters_and_exports_merged_weights(setup, tmp_path):
-    config, nets, _ = networks_and_batch(setup, "--generator-lora-rank", "4")
+    config, nets, _ = networks_and_batch(setup, "--trainable", "lora", "--lora-rank", "4")
     trainable = [n for n, p in nets.trained.named_parameters() if p.requires_grad]
     assert trainable and all("lora_" in n for n in trainable)
-    path = train(setup["photos"], tmp_path / "lora", *refine_args(setup, "--max-steps", "2",
-                                                                   "--generator-lora-rank", "4", "--weight-gan", "0"))
+    path = train(setup["photos"], tmp_path / "lora", *refine_args(setup, "--max-steps", "2", "--trainable", "lora",
+                                                                   "--lora-rank", "4", "--weight-gan", "0"))
     exported = load_file(str(path))
     student = load_file(str(setup["run"] / "meanflow.safetensors"))
     assert exported.keys() == student.keys()  # merged: no adapter tensors in the bundle
     changed = [k for k in exported if not torch.equal(exported[k], student[k])]
     assert changed and all(k.endswith(".weight") for k in changed)
     assert not (tmp_path / "lora" / "refine" / "checkpoint-00000002" / "optimizer_2.bin").exists()  # no discriminator
+
+
+def test_real_score_is_the_teacher_without_the_fake_scores_adapters(setup):
+    """The fake score's adapters live in the teacher's layers: once they have trained, the fake
+    score differs from the teacher and the real score is still exactly the teacher."""
+    from smfsr.checkpoint import load_model
+    from smfsr_trainer.conditioning import velocity_fn
+    from smfsr_trainer.stages.refine import fake_score_loss, generator_loss, real_score_fn
+
+    config, nets, batch = networks_and_batch(setup)
+    r = nets.extra
+    b = fresh(config, nets, batch)
+    generator_loss(config, r, nets.trained, nets.codec, b)[0].backward()
+    with torch.no_grad():  # make the adapters non-zero, as a few fake-score steps would
+        for name, p in r.fake.named_parameters():
+            if "lora_B" in name:
+                p.add_(0.05 * torch.randn_like(p))
+    assert all(p.requires_grad for n, p in r.fake.named_parameters() if "lora_" in n)
+    original = load_model(setup["run"] / "flow.safetensors", dtype=torch.float32).transformer.eval()
+    z, t = torch.randn_like(b.x), torch.full((len(b.x),), 0.6)
+    with torch.no_grad():
+        real = real_score_fn(r.teacher)(z, t, b.cond)
+        fake = velocity_fn(r.fake)(z, t, b.cond)
+        reference = velocity_fn(original)(z, t, b.cond)
+    assert torch.allclose(real, reference, atol=1e-6)
+    assert (fake - reference).abs().max() > 1e-3
+    # the adapters are still trainable after the real score switched them off and on
+    assert all(p.requires_grad for n, p in r.fake.named_parameters() if "lora_" in n)
+    assert not any(p.requires_grad for n, p in r.fake.named_parameters() if "lora_" not in n)
+    fake_score_loss(config, r.fake, b)[0].backward()
 
 
 def test_backbones_load_from_local_safetensors_with_clear_errors(setup, tmp_path):
@@ -304,7 +335,6 @@ def test_the_generator_trains_at_each_step_count_it_is_given(setup):
     two = generate(nets.trained, noise, b.cond, 2)
     two.square().mean().backward()  # differentiable through both steps
     assert any(p.grad is not None for p in nets.trained.parameters())
-    from smfsr.pipeline import SMFSRUpscaler  # noqa: F401 (the same schedule as the pipeline's sampler)
     from smfsr import meanflow
 
     with torch.no_grad():

@@ -14,8 +14,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import TrainConfig
-from ..ema import EMA
-from ..networks import Networks, ema_model, to_bundle
+from ..networks import Networks, plain_model, to_bundle
 
 LossFn = Callable[[Any], tuple[torch.Tensor, dict[str, float]]]
 
@@ -67,17 +66,22 @@ class Stage(ABC):
     def losses(self, config: TrainConfig, nets: Networks, models: dict[str, torch.nn.Module]) -> dict[str, LossFn]:
         """The loss of each trained network; ``models`` are those networks as accelerate prepared them."""
 
-    def export(self, config: TrainConfig, nets: Networks, ema: EMA) -> Path:
-        """The EMA weights as a bundle every door loads: ``<output_dir>/<stage>.safetensors``."""
+    def export(self, config: TrainConfig, nets: Networks, weights: dict[str, torch.Tensor]) -> Path:
+        """The averaged weights (``networks.averaged_weights``) as a bundle every door loads:
+        ``<output_dir>/<stage>.safetensors`` (a LoRA run's adapters merged in); with
+        ``export_adapter`` also the adapters alone, ``<stage>-lora.safetensors``."""
         from smfsr.checkpoint import save_bundle
 
-        path = Path(config.output_dir) / f"{config.stage}.safetensors"
-        return save_bundle(path, to_bundle(config, nets, ema_model(nets, ema), self), overwrite=True)
+        out = Path(config.output_dir)
+        if config.export_adapter and config.trainable == "lora":
+            save_adapter(out / f"{config.stage}-lora.safetensors", config, weights)
+        bundle = to_bundle(config, nets, plain_model(nets, weights, config), self)
+        return save_bundle(out / f"{config.stage}.safetensors", bundle, overwrite=True)
 
     @torch.no_grad()
-    def validate(self, config: TrainConfig, nets: Networks, ema: EMA, device: torch.device
+    def validate(self, config: TrainConfig, nets: Networks, weights: dict[str, torch.Tensor], device: torch.device
                  ) -> tuple[dict[str, float], torch.Tensor]:
-        """PSNR/SSIM of the EMA model on the validation crops through the real pipeline; returns
+        """PSNR/SSIM of the averaged weights on the validation crops through the real pipeline; returns
         the metrics and a (bicubic | result | ground truth) strip for the log."""
         from kornia.metrics import psnr, ssim
 
@@ -91,9 +95,28 @@ class Stage(ABC):
         items = [data[i] for i in range(min(config.val_count, len(data)))]
         hr = torch.stack([it["hr"] for it in items])
         lr = torch.stack([it["lr"] for it in items])
-        upscaler = SMFSRUpscaler(to_bundle(config, nets, ema_model(nets, ema).to(device), self))
+        upscaler = SMFSRUpscaler(to_bundle(config, nets, plain_model(nets, weights, config).to(device), self))
         options = UpscaleOptions(steps=self.steps(config.val_steps), vae_tiling=VAETiling.off())
         sr = upscaler(lr, options, seeds=list(range(len(lr))))
         bicubic = torch.nn.functional.interpolate(lr, size=hr.shape[-2:], mode="bicubic").clamp(0, 1)
         metrics = {"val/psnr": psnr(sr, hr, 1.0).mean().item(), "val/ssim": ssim(sr, hr, 11).mean().item()}
         return metrics, torch.cat([bicubic, sr, hr], -1)
+
+
+def save_adapter(path: Path, config: TrainConfig, weights: dict[str, torch.Tensor]) -> Path:
+    """The LoRA adapters alone (``<layer>.lora_A.weight`` / ``lora_B``, float32), with their rank, alpha
+    and the run that made them in the metadata; the merged bundle is what the doors load."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from smfsr.atomic import write_atomically
+
+    from ..lora import adapter_state
+    from ..networks import config_summary, lora_spec
+
+    spec = lora_spec(config)
+    tensors = {k: v.float().contiguous() for k, v in adapter_state(weights).items()}
+    metadata = {"smfsr_format": "lora", "rank": str(spec.rank), "alpha": str(spec.alpha or spec.rank),
+                "targets": ",".join(spec.targets), "provenance": json.dumps(config_summary(config))}
+    return write_atomically(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

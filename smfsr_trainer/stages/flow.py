@@ -52,7 +52,7 @@ class FlowStage(Stage):
             trained = build_transformer(transformer_config(TEACHER_OF.get(config.preset, config.preset)))
         if trained.is_average_velocity:
             raise SystemExit("stage flow trains a flow teacher; the init model is an average-velocity (mean-flow) model")
-        select_trainable(trained, config.trainable)
+        select_trainable(trained, config)
         return with_frozen_parts(config, trained, None, source)
 
     def batch(self, config, nets, batch, g, device):

@@ -17,7 +17,8 @@ from smfsr import meanflow
 from smfsr.checkpoint import build_transformer
 
 from ..conditioning import average_velocity_fn, guided, velocity_fn
-from ..networks import Networks, encode, load_bundle_of_kind, null_condition, select_trainable, with_frozen_parts
+from ..networks import NEW_LAYERS, Networks, encode, load_bundle_of_kind, null_condition, select_trainable, \
+    weight_dtype, with_frozen_parts
 from .base import Stage
 
 
@@ -63,7 +64,7 @@ def student_from_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
 
 def teacher_bundle(config):
     path = config.teacher or str(Path(config.output_dir) / "flow.safetensors")
-    return load_bundle_of_kind(path, "a teacher", average_velocity=False)
+    return load_bundle_of_kind(path, "a teacher", average_velocity=False, dtype=weight_dtype(config))
 
 
 class MeanFlowStage(Stage):
@@ -77,7 +78,7 @@ class MeanFlowStage(Stage):
     def build(self, config) -> Networks:
         source = teacher_bundle(config)
         trained = student_from_teacher(source.transformer)
-        select_trainable(trained, config.trainable)
+        select_trainable(trained, config, NEW_LAYERS)
         return with_frozen_parts(config, trained, source.transformer, source)
 
     def batch(self, config, nets, batch, g, device):

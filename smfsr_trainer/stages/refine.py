@@ -5,7 +5,8 @@ teacher's image distribution by VSD (method.md 2.5). Three networks train, in th
      ``refine_steps`` (one step: x_hat = e - u(e, 0, 1 | LR)), differentiable through every step:
         L_G = w_l2 |x_hat - x|^2 + w_l1 |x_hat - x| + w_perceptual d(decode(x_hat), HR)
               + w_gan L_adv(D(decode(x_hat))) + w_vsd L_vsd(x_hat)
-  2. fake score (a LoRA copy of the frozen teacher), flow matching on sg(x_hat):
+  2. fake score (LoRA adapters on the frozen teacher itself: no second copy of its weights; the real
+     score is the same network with the adapters switched off), flow matching on sg(x_hat):
         L_fake = flow-matching loss of v_fake at logit-normal t
   3. discriminator heads on frozen backbone features, real = the HR crop, fake = sg(decode(x_hat)):
         L_D = hinge or non-saturating loss (+ r1_gamma / 2 * R1 on the real images)
@@ -24,7 +25,6 @@ discriminator reuses the backbone features the generator's turn computed.
 from __future__ import annotations
 
 import contextlib
-import copy
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +37,7 @@ from smfsr import meanflow
 from ..backbones import FeatureBackbone, load_backbone, parse_depths, perceptual_distance
 from ..conditioning import Condition, average_velocity_fn, guided, velocity_fn
 from ..discriminator import DiscriminatorHeads, discriminator_loss, generator_adversarial_loss, r1_penalty
-from ..lora import add_lora
+from ..lora import LoraSpec, add_lora, adapters_disabled
 from ..networks import Networks, encode, load_bundle_of_kind, null_condition, select_trainable, with_frozen_parts
 from ..vsd import vsd_loss, vsd_times
 from .base import Stage
@@ -49,8 +49,8 @@ from .meanflow import teacher_bundle
 class RefineNets:
     """What the refine stage adds to the generator: ``fake`` and ``heads`` train, the rest is frozen."""
 
-    teacher: torch.nn.Module | None = None  # real score (None: VSD off)
-    fake: torch.nn.Module | None = None  # fake score: a LoRA copy of the teacher (None: VSD off)
+    teacher: torch.nn.Module | None = None  # real score: ``fake`` with its adapters off (None: VSD off)
+    fake: torch.nn.Module | None = None  # fake score: the teacher with LoRA adapters (None: VSD off)
     backbone: FeatureBackbone | None = None  # the discriminator's (None: GAN off)
     heads: torch.nn.Module | None = None  # DiscriminatorHeads (None: GAN off)
     disc_depths: list[int] = field(default_factory=list)
@@ -154,12 +154,23 @@ def generator_loss(config, nets: RefineNets, generator: torch.nn.Module, codec, 
     if config.weight_vsd:
         t = vsd_times(len(b.cond), config.vsd_t_min, config.vsd_t_max, b.g).to(b.x)
         vsd_noise = torch.randn(b.x.shape, generator=b.g).to(b.x)
-        real_score = guided(velocity_fn(nets.teacher), config.vsd_cfg, b.null.embeds[:1], b.null.pooled[:1])
+        real_score = guided(real_score_fn(nets.teacher), config.vsd_cfg, b.null.embeds[:1], b.null.pooled[:1])
         surrogate, mismatch = vsd_loss(x_hat, real_score, velocity_fn(nets.fake), vsd_noise, t, b.cond)
         loss = loss + config.weight_vsd * surrogate
         logs["vsd_mismatch"] = mismatch.mean().item()
     logs["loss_generator"] = loss.item()
     return loss, logs
+
+
+def real_score_fn(teacher: torch.nn.Module):
+    """v_real: the teacher without the fake score's adapters (they live in the same layers)."""
+    v = velocity_fn(teacher)
+
+    def real(z, t, cond):
+        with adapters_disabled(teacher):
+            return v(z, t, cond)
+
+    return real
 
 
 def fake_score_loss(config, fake: torch.nn.Module, b: RefineBatch) -> tuple[torch.Tensor, dict[str, float]]:
@@ -201,8 +212,9 @@ def discriminator_step_loss(config, nets: RefineNets, heads: torch.nn.Module, co
 
 def refine_networks(config, teacher: torch.nn.Module) -> RefineNets:
     """The frozen backbone with new heads (when the GAN term is on), the perceptual network (when
-    that term is on; the same object when it is the same file), and the fake score: a LoRA on a
-    teacher copy (when the VSD term is on)."""
+    that term is on; the same object when it is the same file), and the fake score: LoRA adapters
+    injected into the teacher (when the VSD term is on), as the one-step SR papers do: a 2.7 B
+    teacher is not copied, its frozen weights serve both scores."""
     nets = RefineNets(teacher=teacher)
     if config.weight_gan:
         nets.backbone = load_backbone(config.disc_backbone, config.disc_resolution, what="disc_backbone")
@@ -215,7 +227,9 @@ def refine_networks(config, teacher: torch.nn.Module) -> RefineNets:
         same = nets.backbone is not None and Path(path) == Path(config.disc_backbone)
         nets.perceptual = nets.backbone if same else load_backbone(path, config.disc_resolution, what="perceptual_net")
     if config.weight_vsd:
-        nets.fake = add_lora(copy.deepcopy(teacher), config.fake_lora_rank, seed=config.seed).train()
+        nets.fake = add_lora(teacher, LoraSpec(config.fake_lora_rank), seed=config.seed).train()
+        if config.gradient_checkpointing:  # its flow-matching turn backpropagates through all of it
+            nets.fake.enable_gradient_checkpointing()
     return nets
 
 
@@ -248,10 +262,7 @@ class RefineStage(Stage):
         path = config.init or str(Path(config.output_dir) / "meanflow.safetensors")
         source = load_bundle_of_kind(path, "a student to refine (init)", average_velocity=True)
         trained = source.transformer
-        if config.generator_lora_rank > 0:
-            add_lora(trained, config.generator_lora_rank, seed=config.seed)
-        else:
-            select_trainable(trained, config.trainable)
+        select_trainable(trained, config)
         nets = with_frozen_parts(config, trained, teacher, source)
         nets.extra = refine_networks(config, teacher)
         return nets

@@ -65,16 +65,16 @@ class VAEStage(Stage):
     def losses(self, config, nets, models):
         return {"model": lambda b: vae_loss(models["model"], b[0], b[1], config.kl_weight)}
 
-    def _ema_vae(self, nets, ema):
+    def _averaged_vae(self, nets, weights):
         vae = build_vae(dict(nets.trained.config))
-        ema.copy_to(vae)
+        vae.load_state_dict(weights)
         return vae.eval()
 
-    def export(self, config, nets, ema) -> Path:
+    def export(self, config, nets, weights) -> Path:
         """The EMA VAE as a diffusers folder, its latent scale/shift measured on training crops."""
         from ..data import SRPairs
 
-        vae = self._ema_vae(nets, ema)
+        vae = self._averaged_vae(nets, weights)
         data = SRPairs(config.train_dir, crop=config.crop, scale=config.scale, degradation="bicubic", seed=config.seed + 1)
         images = torch.stack([data[i]["hr"] for i in range(min(len(data), 32))])
         scale, shift = latent_statistics(vae, images)
@@ -84,7 +84,7 @@ class VAEStage(Stage):
         return path
 
     @torch.no_grad()
-    def validate(self, config, nets, ema, device):
+    def validate(self, config, nets, weights, device):
         from kornia.metrics import psnr, ssim
 
         from smfsr.codec import LatentCodec
@@ -94,7 +94,7 @@ class VAEStage(Stage):
         data = SRPairs(config.val_dir, crop=config.val_crop, scale=config.scale, degradation="bicubic",
                        seed=config.seed, train=False)
         hr = torch.stack([data[i]["hr"] for i in range(min(config.val_count, len(data)))])
-        codec = LatentCodec.raw(self._ema_vae(nets, ema))
+        codec = LatentCodec.raw(self._averaged_vae(nets, weights))
         recon = codec.decode(codec.encode(hr))
         return {"val/psnr": psnr(recon, hr, 1.0).mean().item(), "val/ssim": ssim(recon, hr, 11).mean().item()}, \
             torch.cat([recon, hr], -1)
