@@ -1,11 +1,13 @@
 """``python -m bench [--quick] [--only NAME ...] [--no-write]``: run the comparisons, print tables,
-append them to bench/RESULTS.md with the date, machine and commit."""
+append them to bench/RESULTS.md with the date, machine and commit.
+``python -m bench fullsize ...``: the official path at full size through the doors (its own options)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
 import os
+import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -21,7 +23,12 @@ COMPARISONS = {
 }
 
 
+TOOLS = {"fullsize": "bench.fullsize"}  # rehearsals with their own options and output folder
+
+
 def main() -> None:
+    if len(sys.argv) > 1 and sys.argv[1] in TOOLS:
+        sys.exit(importlib.import_module(TOOLS[sys.argv[1]]).main(sys.argv[2:]))
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--quick", action="store_true", help="smallest sizes only")
     parser.add_argument("--full", action="store_true", help="also the largest sizes (4096^2 VAE decodes: about 12 min on 2 cores)")

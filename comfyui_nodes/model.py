@@ -18,7 +18,7 @@ from smfsr.checkpoint.official import LDM_VAE_PREFIXES
 from smfsr.checkpoint.safe_read import load_tensors, read_header
 from smfsr.errors import CheckpointError
 from smfsr.checkpoint.default_model import DEFAULT, REPO_MODELS, SHIPPED, shipped
-from smfsr.pipeline import SMFSRUpscaler
+from smfsr.pipeline import SMFSRUpscaler, load_prepared
 from smfsr.runtime import Runtime
 
 FOLDER = "smfsr"
@@ -130,7 +130,7 @@ def load(name: str, dtype: str, weights: str = "auto", block_swap: int = 0, comp
     device = mm.get_torch_device()
     runtime = Runtime.from_widgets(device, dtype, weights=weights, block_swap=block_swap, compile=compile,
                                    low_memory=mm.vram_state in (mm.VRAMState.LOW_VRAM, mm.VRAMState.NO_VRAM))
-    bundle = SMFSRUpscaler.from_pretrained(model_path(name), runtime=runtime, place=False).bundle
+    bundle = load_prepared(model_path(name), runtime, place=False)  # an official folder has no VAE: fine here
     patchers = [comfy.model_patcher.ModelPatcher(Managed(bundle.transformer), load_device=device,
                                                  offload_device=mm.unet_offload_device())]
     if bundle.vae is not None and any(True for _ in bundle.vae.parameters()):  # not the lossless codec

@@ -149,19 +149,7 @@ class SMFSRUpscaler:
         whole or as the keywords; it is checked before anything loads. ``place=False`` leaves the
         weights on the CPU for a host whose memory manager moves them (ComfyUI)."""
         runtime = (runtime or Runtime(device, dtype, weights, block_swap, compile)).resolved()
-        path = resolve_model(path) if path is not None else default_model_path()
-        check_fits(path, runtime, gpu=place)  # from the header and free memory, before the weights load
-        bundle = load_model(path)
-        if vae is not None:
-            from .checkpoint import import_vae
-
-            bundle.vae = import_vae(vae)
-            bundle.defaults.use_vae(bundle.vae)
-        if prompt is not None:
-            from .checkpoint import read_prompt_file
-
-            bundle.prompt_embeds, bundle.prompt_pooled = read_prompt_file(prompt)
-        upscaler = cls(prepare(bundle, runtime, place=place))
+        upscaler = cls(load_prepared(path, runtime, vae=vae, prompt=prompt, place=place))
         upscaler.first_call = FirstCallTimer(runtime.compile)
         return upscaler
 
@@ -341,6 +329,27 @@ class SMFSRUpscaler:
         if image.alpha is not None:
             alpha = resize(image.alpha[None], *rgb.shape[-2:])[0]
         return to_pil(rgb, alpha, gray=image.gray)
+
+
+def load_prepared(path: str | os.PathLike | None, runtime: Runtime, *, vae: str | os.PathLike | None = None,
+                  prompt: str | os.PathLike | None = None, place: bool = True) -> Bundle:
+    """A model loaded and made ready to run (``from_pretrained`` without the upscaler): the memory
+    check first, then the weights, the parts given (``vae``, ``prompt``), ``runtime.prepare``. A model
+    without a VAE is fine here; a host that brings its own VAE (ComfyUI's) loads through this."""
+    runtime = runtime.resolved()
+    path = resolve_model(path) if path is not None else default_model_path()
+    check_fits(path, runtime, gpu=place)  # from the header and free memory, before the weights load
+    bundle = load_model(path)
+    if vae is not None:
+        from .checkpoint import import_vae
+
+        bundle.vae = import_vae(vae)
+        bundle.defaults.use_vae(bundle.vae)
+    if prompt is not None:
+        from .checkpoint import read_prompt_file
+
+        bundle.prompt_embeds, bundle.prompt_pooled = read_prompt_file(prompt)
+    return prepare(bundle, runtime, place=place)
 
 
 def check_images(images: torch.Tensor) -> torch.Tensor:

@@ -107,88 +107,109 @@ def _check_checkpoint_holds_encoders(path: Path, given: set[str]) -> None:
 # single files -> transformers models (configs from the tensor shapes, as SD3.5's encoders are built)
 
 
-def _tensors(path: Path, prefix: str, what: str) -> dict[str, torch.Tensor]:
-    """The tensors of one encoder: the whole file, or those under ``prefix`` of a checkpoint."""
-    from .checkpoint.safe_read import load_tensors, read_header
+class _EncoderFile:
+    """One encoder's tensors in a file: the whole file, or those under ``prefix`` of a checkpoint.
+    Read one tensor at a time, so that loading never holds more than the model in its final dtype."""
 
-    _, header = read_header(path)
-    if any(k.startswith(prefix) for k in header):
-        return load_tensors(path, prefix=prefix)
-    if what == "t5" and "shared.weight" not in header and "encoder.embed_tokens.weight" not in header:
-        raise CheckpointError(f"{path} holds no T5 encoder (no shared.weight, nor {prefix}*). {NEEDS}")
-    if what != "t5" and "text_model.embeddings.token_embedding.weight" not in header:
-        raise CheckpointError(f"{path} holds no CLIP text encoder (no text_model.embeddings.token_embedding.weight, "
-                              f"nor {prefix}*). {NEEDS}")
-    return load_tensors(path)
+    SCALES = ("scale_weight", "scale_input")  # ComfyUI's "scaled" fp8 files
+    IGNORED = ("scaled_fp8", "text_model.embeddings.position_ids")  # a marker; a buffer some CLIP files store
+
+    def __init__(self, path: Path, prefix: str, what: str):
+        from .checkpoint.safe_read import read_header
+
+        _, header = read_header(path)
+        self.path, self.prefix = path, prefix if any(k.startswith(prefix) for k in header) else ""
+        if not self.prefix:
+            markers = ("shared.weight", "encoder.embed_tokens.weight") if what == "t5" else \
+                ("text_model.embeddings.token_embedding.weight",)
+            if not any(m in header for m in markers):
+                kind = "T5 encoder" if what == "t5" else "CLIP text encoder"
+                raise CheckpointError(f"{path} holds no {kind} (no {markers[0]}, nor {prefix}*). {NEEDS}")
+        self.header = {k[len(self.prefix):]: v for k, v in header.items() if k.startswith(self.prefix)}
+        self.shapes = {k: shape for k, (shape, _) in self.header.items() if k not in self.IGNORED
+                       and not k.endswith(self.SCALES)}
+
+    def tensors(self, dtype: torch.dtype):
+        """(name, tensor in ``dtype``), one at a time: fp8 weights times their scale where the file has one."""
+        from .checkpoint.safe_read import read_tensors
+
+        p = self.prefix
+        scales = dict(read_tensors(self.path, [p + n for n in self.header if n.endswith(".scale_weight")]))  # scalars
+        for full, value in read_tensors(self.path, [p + n for n in self.shapes]):
+            name = full[len(p):]
+            scale = scales.get(f"{p}{name[:-len('weight')]}scale_weight") if name.endswith(".weight") else None
+            if scale is not None:
+                value = value.to(torch.float32) * scale.to(torch.float32)
+            yield name, value.to(dtype) if value.is_floating_point() else value
 
 
-def _dequantize(tensors: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """fp8 files: plain casts, or ComfyUI's "scaled" files (weight * scale_weight)."""
-    out = {}
-    for key, value in tensors.items():
-        if key.endswith("scale_weight") or key.endswith("scale_input") or key == "scaled_fp8":
-            continue
-        if value.is_floating_point():
-            value = value.to(torch.float32)
-            scale = tensors.get(key.replace(".weight", ".scale_weight"))
-            if key.endswith(".weight") and scale is not None:
-                value = value * scale.to(torch.float32)
-            value = value.to(dtype)
-        out[key] = value
-    return out
+def _layers(shapes: dict, prefix: str, index: int) -> int:
+    return len({k.split(".")[index] for k in shapes if k.startswith(prefix)})
 
 
-def _clip_from_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype, path: Path):
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection
+def _clip_config(s: dict[str, tuple[int, ...]]):
+    """A CLIP text config from the tensor shapes, as SD3.5's CLIP-L and CLIP-G are built."""
+    from transformers import CLIPTextConfig
 
-    t = _dequantize(tensors, dtype)
-    vocab, hidden = t["text_model.embeddings.token_embedding.weight"].shape
-    layers = len({k.split(".")[3] for k in t if k.startswith("text_model.encoder.layers.")})
-    if "text_projection.weight" not in t:  # SD3's clip_l may come without it: the projection is then the identity
-        t["text_projection.weight"] = torch.eye(hidden, dtype=dtype)
-    config = CLIPTextConfig(
-        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
-        intermediate_size=t["text_model.encoder.layers.0.mlp.fc1.weight"].shape[0],
+    vocab, hidden = s["text_model.embeddings.token_embedding.weight"]
+    return CLIPTextConfig(
+        vocab_size=vocab, hidden_size=hidden, num_hidden_layers=_layers(s, "text_model.encoder.layers.", 3),
+        intermediate_size=s["text_model.encoder.layers.0.mlp.fc1.weight"][0],
         num_attention_heads=max(1, hidden // 64),  # 64-wide heads, as CLIP-L (12) and CLIP-G (20) have
-        max_position_embeddings=t["text_model.embeddings.position_embedding.weight"].shape[0],
-        projection_dim=t["text_projection.weight"].shape[0],
+        max_position_embeddings=s["text_model.embeddings.position_embedding.weight"][0],
+        projection_dim=s.get("text_projection.weight", (hidden,))[0],
         hidden_act="quick_gelu" if hidden == 768 else "gelu",  # OpenAI's CLIP-L; OpenCLIP's bigG uses GELU
         bos_token_id=0, eos_token_id=2, pad_token_id=1,  # SD3.5's configs: pooled at the highest token id
     )
-    model = CLIPTextModelWithProjection(config)
-    _load(model, t, path)
-    return model.to(dtype).eval().requires_grad_(False)
 
 
-def _t5_from_tensors(tensors: dict[str, torch.Tensor], dtype: torch.dtype, path: Path):
-    from transformers import T5Config, T5EncoderModel
+def _t5_config(s: dict[str, tuple[int, ...]]):
+    from transformers import T5Config
 
-    t = _dequantize(tensors, dtype)
-    if "shared.weight" not in t:
-        t["shared.weight"] = t["encoder.embed_tokens.weight"]
-    t["encoder.embed_tokens.weight"] = t["shared.weight"]  # the same embedding (tied in T5EncoderModel)
-    vocab, d_model = t["shared.weight"].shape
-    buckets, heads = t["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"].shape
-    config = T5Config(
+    vocab, d_model = s.get("shared.weight") or s["encoder.embed_tokens.weight"]
+    buckets, heads = s["encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"]
+    return T5Config(
         vocab_size=vocab, d_model=d_model, num_heads=heads,
-        d_kv=t["encoder.block.0.layer.0.SelfAttention.q.weight"].shape[0] // heads,
-        d_ff=t["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"].shape[0],
-        num_layers=len({k.split(".")[2] for k in t if k.startswith("encoder.block.")}),
+        d_kv=s["encoder.block.0.layer.0.SelfAttention.q.weight"][0] // heads,
+        d_ff=s["encoder.block.0.layer.1.DenseReluDense.wi_0.weight"][0],
+        num_layers=_layers(s, "encoder.block.", 2),
         relative_attention_num_buckets=buckets, relative_attention_max_distance=128,
         feed_forward_proj="gated-gelu", is_encoder_decoder=False, use_cache=False,
     )
-    model = T5EncoderModel(config)
-    _load(model, t, path)
-    return model.to(dtype).eval().requires_grad_(False)
 
 
-def _load(model: torch.nn.Module, tensors: dict[str, torch.Tensor], path: Path) -> None:
+def _encoder_from_file(source: _EncoderFile, dtype: torch.dtype, t5: bool):
+    """The transformers model built on the meta device and given the file's tensors in ``dtype``
+    (assigned, not copied): peak memory is the model in ``dtype`` plus one tensor, where building
+    it in float32 first and converting would hold 2-3 copies (T5-XXL: 19 GB in float32 alone)."""
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
+
     from .checkpoint import check_state
 
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items() if k != "text_model.embeddings.position_ids"}
-    found = {k: tuple(v.shape) for k, v in tensors.items() if k in expected or k != "text_model.embeddings.position_ids"}
-    check_state(expected, found, what=type(model).__name__, path=path)
-    model.load_state_dict(tensors, strict=False)
+    shapes = dict(source.shapes)
+    if t5:
+        shapes.setdefault("shared.weight", shapes.get("encoder.embed_tokens.weight"))
+        shapes.setdefault("encoder.embed_tokens.weight", shapes["shared.weight"])
+        config, kind = _t5_config(shapes), T5EncoderModel
+    else:
+        config, kind = _clip_config(shapes), CLIPTextModelWithProjection
+    with torch.device("meta"):
+        model = kind(config)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()
+                if k not in ("text_model.embeddings.position_ids", "text_projection.weight")}
+    check_state(expected, {k: v for k, v in shapes.items() if k != "text_projection.weight"}, what=kind.__name__,
+                path=source.path)
+    state = dict(source.tensors(dtype))
+    if t5:  # one embedding (tied in T5EncoderModel), whichever name the file uses
+        state["shared.weight"] = state["encoder.embed_tokens.weight"] = state.get("shared.weight",
+                                                                                  state.get("encoder.embed_tokens.weight"))
+    else:  # SD3's clip_l may come without its projection: then it is the identity
+        state.setdefault("text_projection.weight", torch.eye(config.hidden_size, dtype=dtype))
+    model.load_state_dict(state, strict=True, assign=True)
+    if not t5:  # a buffer, not in the file
+        positions = torch.arange(config.max_position_embeddings).unsqueeze(0)
+        model.text_model.embeddings.register_buffer("position_ids", positions, persistent=False)
+    return model.eval().requires_grad_(False)
 
 
 def _tokenizers(path: Path):
@@ -206,8 +227,10 @@ def _tokenizers(path: Path):
         raise SMFSRError(f"--tokenizers {path}: neither a diffusers SD3.5 folder (tokenizer/, tokenizer_2/, "
                          "tokenizer_3/) nor a ComfyUI install (comfy/sd1_tokenizer, comfy/text_encoders/t5_tokenizer)")
     # SD3.5's CLIP-G tokenizer is CLIP-L's vocabulary padded with "!" (id 0), as OpenCLIP pads
-    return (CLIPTokenizer.from_pretrained(str(clip), local_files_only=True),
-            CLIPTokenizer.from_pretrained(str(clip), local_files_only=True, pad_token="!"),
+    # (ComfyUI's CLIP tokenizer config says 8192 tokens, as ComfyUI chunks prompts itself; SD3 reads 77)
+    kw = dict(local_files_only=True, model_max_length=CLIP_TOKENS)
+    return (CLIPTokenizer.from_pretrained(str(clip), **kw),
+            CLIPTokenizer.from_pretrained(str(clip), **kw, pad_token="!"),
             T5TokenizerFast.from_pretrained(str(t5), local_files_only=True))
 
 
@@ -231,15 +254,35 @@ def load_pipeline(sources: Sources, *, dtype: torch.dtype = torch.float32, t5_dt
             raise SMFSRError(f"{sources.folder}: a text encoder could not be loaded ({e}); only safetensors weights "
                              "are read") from None
     else:
-        clip_l = _clip_from_tensors(_tensors(sources.clip_l, CHECKPOINT_PREFIXES["clip_l"], "clip_l"), dtype,
-                                    sources.clip_l)
-        clip_g = _clip_from_tensors(_tensors(sources.clip_g, CHECKPOINT_PREFIXES["clip_g"], "clip_g"), dtype,
-                                    sources.clip_g)
-        t5 = _t5_from_tensors(_tensors(sources.t5, CHECKPOINT_PREFIXES["t5"], "t5"), t5_dtype, sources.t5)
+        clip_l, clip_g, t5 = (
+            _encoder_from_file(_EncoderFile(getattr(sources, name), CHECKPOINT_PREFIXES[name], name),
+                               t5_dtype if name == "t5" else dtype, t5=name == "t5")
+            for name in ("clip_l", "clip_g", "t5"))
     tok_l, tok_g, tok_t5 = _tokenizers(sources.tokenizers)
     pipe = StableDiffusion3Pipeline(transformer=None, scheduler=None, vae=None, text_encoder=clip_l, tokenizer=tok_l,
                                     text_encoder_2=clip_g, tokenizer_2=tok_g, text_encoder_3=t5, tokenizer_3=tok_t5)
-    return pipe.to(device)
+    pipe = pipe.to(device)
+    if torch.device(device).type == "cpu" and t5_dtype in (torch.bfloat16, torch.float16):
+        _linears_in_float32(t5)
+    return pipe
+
+
+def _linear_float32(module: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    bias = None if module.bias is None else module.bias.float()
+    return torch.nn.functional.linear(x.float(), module.weight.float(), bias).to(x.dtype)
+
+
+def _linears_in_float32(model: torch.nn.Module) -> None:
+    """Each linear layer of a 16-bit model multiplies in float32 (weight and input cast for the call,
+    the result cast back, so the model's other ops see its own dtype): CPUs without native bf16
+    arithmetic (AVX2) multiply bf16 4-5x slower than float32 (two T5-XXL blocks on 256 tokens, 2
+    cores: 16.9 s in bf16, 3.9 s like this, the same error against float32), and the weights stay
+    16-bit in memory."""
+    from functools import partial
+
+    for module in model.modules():
+        if type(module) is torch.nn.Linear:
+            module.forward = partial(_linear_float32, module)
 
 
 def encode_prompt(pipe, text: str, max_sequence_length: int = T5_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
@@ -257,6 +300,49 @@ def encode_prompt(pipe, text: str, max_sequence_length: int = T5_TOKENS) -> tupl
     return embeds.float().cpu(), pooled.float().cpu()
 
 
+def _encoder_shapes(sources: Sources) -> dict[str, list[tuple[int, ...]]]:
+    """The tensor shapes of each encoder, from the files' headers (nothing is loaded)."""
+    from .checkpoint.safe_read import read_header
+
+    if sources.folder is None:
+        return {name: list(_EncoderFile(getattr(sources, name), CHECKPOINT_PREFIXES[name], name).shapes.values())
+                for name in ("clip_l", "clip_g", "t5")}
+    out = {}
+    for name, sub in (("clip_l", "text_encoder"), ("clip_g", "text_encoder_2"), ("t5", "text_encoder_3")):
+        files = sorted((sources.folder / sub).glob("*.safetensors"))
+        out[name] = [shape for f in files for shape, _ in read_header(f)[1].values()]
+    return out
+
+
+def encoder_bytes(sources: Sources, dtype: torch.dtype = torch.float32,
+                  t5_dtype: torch.dtype = torch.bfloat16) -> dict[str, int]:
+    """Each encoder's bytes in its compute dtype (CLIP-L/G in ``dtype``, T5 in ``t5_dtype``), and
+    "peak": all three plus the largest tensor, read at once in float32 (the loading peak)."""
+    import math
+
+    out, largest = {}, 0
+    for name, shapes in _encoder_shapes(sources).items():
+        size = torch.empty((), dtype=t5_dtype if name == "t5" else dtype).element_size()
+        out[name] = sum(math.prod(shape) for shape in shapes) * size
+        largest = max([largest] + [math.prod(shape) * 4 for shape in shapes])
+    return {**out, "peak": sum(out.values()) + largest}
+
+
+def check_encoders_fit(sources: Sources, dtype: torch.dtype = torch.float32,
+                       t5_dtype: torch.dtype = torch.bfloat16) -> int:
+    """The encoders' loading peak (bytes), refused before anything loads where it is not free."""
+    from .memory import free_host_bytes
+
+    needed, free = encoder_bytes(sources, dtype, t5_dtype), free_host_bytes()
+    if free is not None and needed["peak"] > free:
+        raise SMFSRError(
+            f"SD3.5's text encoders need about {needed['peak'] / 2**30:.1f} GiB of memory to encode the prompt "
+            f"(T5-XXL alone {needed['t5'] / 2**30:.1f} GiB) and {free / 2**30:.1f} GiB are free: encode it once "
+            "where it fits (`smfsr encode-prompt -o prompt.safetensors`, then `--prompt prompt.safetensors`), use "
+            "a bundle that stores its prompt (`smfsr convert --sd35`), or close other programs")
+    return needed["peak"]
+
+
 def clip_truncated(pipe, text: str) -> bool:
     return len(pipe.tokenizer(text).input_ids) > CLIP_TOKENS
 
@@ -268,8 +354,11 @@ def encode_text(sources: Sources, text: str, *, t5_dtype: str = "bf16", device: 
     77 as official training and ComfyUI's SD3 CLIPTextEncode (154). ``say(message)`` hears what is
     happening (loading T5-XXL takes a while)."""
     say = say or (lambda message: None)
-    say(f"encoding the prompt with SD3.5's text encoders (T5-XXL in {t5_dtype} on {device}) ...")
-    pipe = load_pipeline(sources, t5_dtype={"bf16": torch.bfloat16, "fp32": torch.float32}[t5_dtype], device=device)
+    t5_torch = {"bf16": torch.bfloat16, "fp32": torch.float32}[t5_dtype]
+    needed = check_encoders_fit(sources, t5_dtype=t5_torch)
+    say(f"encoding the prompt with SD3.5's text encoders (T5-XXL in {t5_dtype} on {device}; about "
+        f"{needed / 2**30:.1f} GiB of memory) ...")
+    pipe = load_pipeline(sources, t5_dtype=t5_torch, device=device)
     if clip_truncated(pipe, text):
         say("note: CLIP reads the first 77 tokens of the prompt, T5 all of it (as SD3.5 always does)")
     embeds, pooled = encode_prompt(pipe, text, max_sequence_length=t5_tokens)

@@ -4,13 +4,13 @@ in-process trainer. Fixtures live in conftest.py; this is a plain module, import
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from bench.comfyui_server import free_port  # noqa: F401 (the tests' one free-port helper)
 from smfsr.checkpoint import Bundle
 from smfsr.checkpoint.random import random_bundle
 
@@ -47,10 +47,13 @@ def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
     return (np.clip(base, 0, 1) * 255).astype(np.uint8)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def photo_folder(folder: Path, count: int) -> Path:
+    """``count`` photo-like 96x128 training images in ``folder``."""
+    from PIL import Image
+
+    for i in range(count):
+        Image.fromarray(photo_like(96, 128, seed=i)).save(folder / f"p{i}.png")
+    return folder
 
 
 def cannot_import(python: str, modules: str, hint: str = "") -> str | None:
@@ -270,7 +273,7 @@ def ldm_vae(vae) -> torch.nn.Module:
 TINY_TEXT = dict(clip_l=64, clip_g=128, t5=256)  # widths: pooled = 64 + 128 = 192, embeds 256 wide
 
 
-def _clip_tokenizer(folder: Path, pad: str | None = None):
+def _clip_tokenizer(folder: Path, pad: str | None = None, max_length: int = 77):
     """A byte-level CLIP BPE tokenizer without merges: every character is a token."""
     import json
 
@@ -284,7 +287,7 @@ def _clip_tokenizer(folder: Path, pad: str | None = None):
     (folder / "vocab.json").write_text(json.dumps(vocab))
     (folder / "merges.txt").write_text("#version: 0.2\n")
     kwargs = {"pad_token": pad} if pad else {}
-    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77, **kwargs)
+    tok = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=max_length, **kwargs)
     tok.save_pretrained(str(folder))
     return tok
 
@@ -353,7 +356,7 @@ def save_tiny_sd3_text_encoders(root: Path) -> dict[str, Path]:
         "image_encoder": [None, None], "feature_extractor": [None, None]}))
 
     comfy = root / "ComfyUI" / "comfy"
-    _clip_tokenizer(comfy / "sd1_tokenizer")
+    _clip_tokenizer(comfy / "sd1_tokenizer", max_length=8192)  # as ComfyUI's config says (it chunks prompts itself)
     _t5_tokenizer(comfy / "text_encoders" / "t5_tokenizer")
 
     files = {}

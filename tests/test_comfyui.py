@@ -13,15 +13,14 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from tests.helpers import DOOR_SEED, cannot_import, door_input, free_port, host_marker, library_result, photo_like, \
+from bench.comfyui_server import Comfy, comfyui, prepare_base
+from tests.helpers import DOOR_SEED, cannot_import, door_input, host_marker, library_result, photo_like, \
     truncation_mismatches
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,83 +44,22 @@ def _missing() -> str | None:
 pytestmark = host_marker(_missing())
 
 
-class Comfy:
-    def __init__(self, url: str, base: Path):
-        self.url, self.base = url, base
-
-    def get(self, path: str):
-        with urllib.request.urlopen(self.url + path, timeout=30) as r:
-            data = r.read()
-        return json.loads(data) if r.headers.get_content_type() == "application/json" else data
-
-    def post(self, path: str, payload: dict | None = None):
-        request = urllib.request.Request(self.url + path, data=json.dumps(payload or {}).encode(),
-                                         headers={"Content-Type": "application/json"}, method="POST")
-        try:
-            with urllib.request.urlopen(request, timeout=30) as r:
-                body = r.read()
-                return r.status, (json.loads(body) if body else {})
-        except urllib.error.HTTPError as e:
-            return e.code, json.loads(e.read() or b"{}")
-
-    def run(self, prompt: dict, timeout: float = 300) -> dict:
-        status, reply = self.post("/prompt", {"prompt": prompt, "client_id": "smfsr-tests"})
-        assert status == 200, reply
-        return self.wait(reply["prompt_id"], timeout)
-
-    def wait(self, prompt_id: str, timeout: float = 300) -> dict:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            history = self.get(f"/history/{prompt_id}")
-            if prompt_id in history and history[prompt_id].get("status", {}).get("completed") is not None \
-                    and (history[prompt_id]["status"]["completed"] or history[prompt_id]["status"]["status_str"] == "error"):
-                return history[prompt_id]
-            time.sleep(0.3)
-        raise TimeoutError(prompt_id)
-
-    def output_image(self, entry: dict) -> np.ndarray:
-        for output in entry["outputs"].values():
-            for image in output.get("images", []):
-                data = self.get(f"/view?filename={image['filename']}&subfolder={image['subfolder']}&type={image['type']}")
-                path = self.base / "fetched.png"
-                path.write_bytes(data)
-                return np.asarray(Image.open(path).convert("RGB"))
-        raise AssertionError(f"no image in {entry['outputs']}")
+def output_image(server: Comfy, entry: dict) -> np.ndarray:
+    path = server.base / "fetched.png"
+    path.write_bytes(server.output_file(entry))
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 @pytest.fixture(scope="module")
 def comfy(tmp_path_factory, tiny_bundle_path):
-    base = tmp_path_factory.mktemp("comfy")
-    (base / "custom_nodes").mkdir()
-    os.symlink(REPO, base / "custom_nodes" / "smfsr")
+    base = prepare_base(tmp_path_factory.mktemp("comfy"))
     (base / "models" / "smfsr").mkdir(parents=True)
     shutil.copy(tiny_bundle_path, base / "models" / "smfsr" / "tiny.safetensors")
     (base / "models" / "smfsr" / "broken.safetensors").write_bytes(tiny_bundle_path.read_bytes()[:4000])
-    (base / "input").mkdir()
     Image.fromarray(photo_like(40, 56)).save(base / "input" / "example.png")
     Image.fromarray(photo_like(96, 96, seed=3)).save(base / "input" / "large.png")
-    port = free_port()
-    log = open(base / "comfyui.log", "w")
-    proc = subprocess.Popen(
-        [COMFYUI_PYTHON, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
-         "--disable-api-nodes", "--base-directory", str(base), "--disable-all-custom-nodes",
-         "--whitelist-custom-nodes", "smfsr", "--database-url", "sqlite:///:memory:"],
-        cwd=COMFYUI_DIR, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    server = Comfy(f"http://127.0.0.1:{port}", base)
-    deadline = time.time() + 180
-    while True:
-        try:
-            server.get("/object_info/SMFSRUpscale")
-            break
-        except Exception:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError("ComfyUI did not start:\n" + (base / "comfyui.log").read_text()[-4000:])
-            time.sleep(0.5)
-    yield server
-    proc.terminate()
-    proc.wait(timeout=30)
+    with comfyui(base, COMFYUI_DIR, COMFYUI_PYTHON) as server:
+        yield server
 
 
 def api_workflow(name: str, **changes) -> dict:
@@ -174,7 +112,7 @@ def test_both_workflows_give_the_library_pixels(comfy, tiny_bundle_path):
                                        seed=DOOR_SEED))
         errors = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
         assert entry["status"]["status_str"] == "success", [(e["exception_message"], e["traceback"][-3:]) for e in errors]
-        got[workflow] = comfy.output_image(entry)
+        got[workflow] = output_image(comfy, entry)
     assert np.array_equal(got["smfsr_upscale"], got["smfsr_modular"])
     result = library_result(tiny_bundle_path, comfy.base / "input" / "door.png", python=COMFYUI_PYTHON)
     assert truncation_mismatches(got["smfsr_upscale"], result) == 0
@@ -243,7 +181,7 @@ def test_the_shipped_workflow_runs_the_default_model_as_is(comfy):
 
     entry = comfy.run(api_workflow("smfsr_upscale", image="example.png", dtype="fp32"))
     assert entry["status"]["status_str"] == "success", entry["status"]["messages"]
-    got = comfy.output_image(entry)
+    got = output_image(comfy, entry)
     result = library_result(SHIPPED_MODEL, comfy.base / "input" / "example.png", seed=0, python=COMFYUI_PYTHON)
     assert got.shape == result.shape == (160, 224, 3)
     assert truncation_mismatches(got, result) == 0

@@ -15,7 +15,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions
-from tests.helpers import TINY_TRAIN_CONFIG, build_networks, photo_like, stage_loss, train
+from tests.helpers import TINY_TRAIN_CONFIG, build_networks, photo_folder, photo_like, stage_loss, train
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = TINY_TRAIN_CONFIG
@@ -23,10 +23,7 @@ TINY = TINY_TRAIN_CONFIG
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    for i in range(6):
-        Image.fromarray(photo_like(96, 128, seed=i)).save(folder / f"p{i}.png")
-    return folder
+    return photo_folder(tmp_path_factory.mktemp("photos"), 6)
 
 
 @pytest.fixture(scope="module")

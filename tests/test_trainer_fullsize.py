@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from smfsr.pipeline import SMFSRUpscaler
-from tests.helpers import TINY_TRAIN_CONFIG, photo_like, train
+from tests.helpers import TINY_TRAIN_CONFIG, photo_folder, train
 
 REPO = Path(__file__).resolve().parents[1]
 SD35 = str(REPO / "smfsr_trainer" / "configs" / "sd35-medium.yaml")
@@ -26,10 +26,7 @@ FSDP_CONFIG = str(REPO / "smfsr_trainer" / "configs" / "accelerate_fsdp.yaml")
 
 @pytest.fixture(scope="module")
 def photos(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("photos")
-    for i in range(8):
-        Image.fromarray(photo_like(96, 128, seed=i)).save(folder / f"p{i}.png")
-    return folder
+    return photo_folder(tmp_path_factory.mktemp("photos"), 8)
 
 
 @pytest.fixture(scope="module")
