@@ -244,8 +244,12 @@ def run_comfyui(layout: str, paths: dict[str, Path], image: Path, work: Path, dt
                 error = error_message(entry)
                 if error is None:
                     output.write_bytes(server.output_file(entry))
-            except (RuntimeError, TimeoutError, AssertionError) as e:
+            except (RuntimeError, TimeoutError, AssertionError, OSError) as e:
                 error = f"{type(e).__name__}: {e}"
+                if server.process.poll() is not None:  # a server that dies stops answering first
+                    code = server.process.returncode
+                    error = ("ComfyUI was killed (SIGKILL: most likely the OS out of memory)" if code == -9
+                             else f"ComfyUI exited with status {code}") + f" while running the prompt ({error})"
             row["wall_s"] = round(time.perf_counter() - started, 1)
             try:
                 row["peak_rss_gib"] = round(server.peak_rss() / GiB, 2)
@@ -344,9 +348,9 @@ def main(argv: list[str] | None = None) -> int:
         say(f"  {'ok' if row['ok'] else 'FAILED: ' + row['error']} ({row.get('wall_s')} s, "
             f"peak {row.get('peak_rss_gib')} GiB)")
         rows.append(row)
-    summary = {"depth": args.depth, "dtype": args.dtype, "size": f"{SIZE_IN}->{SIZE_OUT}", "runs": rows,
-               "minutes": round((time.perf_counter() - started) / 60, 1)}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        summary = {"depth": args.depth, "dtype": args.dtype, "size": f"{SIZE_IN}->{SIZE_OUT}", "runs": rows,
+                   "minutes": round((time.perf_counter() - started) / 60, 1)}
+        (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")  # after each run: hours at full size
     print(table(rows))
     return 0 if rows and all(r["ok"] for r in rows) else 1
 

@@ -58,6 +58,20 @@ def free_host_bytes() -> int | None:
         return None
 
 
+def release_freed_memory() -> None:
+    """Collect what is only held in reference cycles (a transformers model is full of them: freed by
+    ``del`` alone only at the collector's next pass) and hand glibc's freed heap back to the OS, so
+    that the next free-memory check sees the memory as free."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to trim
+        pass
+
+
 def check_fits(path: str | os.PathLike, runtime, *, gpu: bool = True) -> None:
     """Refuse, with the numbers and the settings that lower them, a model that cannot load here.
     ``runtime`` is a resolved ``runtime.Runtime``; ``gpu=False`` checks host memory only (a host

@@ -22,6 +22,7 @@ import torch
 
 from .atomic import refuse_existing, write_atomically
 from .errors import CheckpointError, SMFSRError
+from .memory import release_freed_memory
 
 # The official positive prompt suffix (method.md 2.7), the stored prompt of converted bundles.
 DEFAULT_PROMPT = ("Cinematic, hyper sharpness, highly detailed, perfect without deformations, camera, hyper detailed "
@@ -363,6 +364,7 @@ def encode_text(sources: Sources, text: str, *, t5_dtype: str = "bf16", device: 
         say("note: CLIP reads the first 77 tokens of the prompt, T5 all of it (as SD3.5 always does)")
     embeds, pooled = encode_prompt(pipe, text, max_sequence_length=t5_tokens)
     del pipe
+    release_freed_memory()  # the model that loads next is checked against free memory
     return embeds, pooled
 
 

@@ -166,3 +166,26 @@ def test_fullsize_rehearsal_through_the_cli_and_comfyui(tmp_path):
     # the VAE-only loader and TripleCLIPLoader found every weight but CLIP-L's projection, which SD3's
     # clip_l.safetensors does not have (ComfyUI warns the same for the real file; SD3 does not use it)
     assert comfyui["host_missing"] == ["clip missing: ['text_projection.weight']"], comfyui
+
+
+def test_freed_encoders_are_gone_before_the_model_is_checked():
+    """A model held only by a reference cycle (its layers' forward bound to themselves, as the float32
+    linears are) is collected by release_freed_memory, so the next free-memory check counts it free."""
+    import gc
+    import weakref
+
+    from smfsr.memory import release_freed_memory
+    from smfsr.text_encoders import _linears_in_float32
+
+    gc.disable()  # as if the collector had not run yet
+    try:
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4)).to(torch.bfloat16)
+        _linears_in_float32(model)
+        assert model(torch.ones(1, 4, dtype=torch.bfloat16)).dtype == torch.bfloat16
+        alive = weakref.ref(model[0])
+        del model
+        assert alive() is not None  # the cycle keeps it
+        release_freed_memory()
+        assert alive() is None
+    finally:
+        gc.enable()
