@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +29,8 @@ class Setting:
 SETTINGS = [
     Setting("smfsr_steps", 0, "SMFSR steps (0 = the model's default, one step)", "slider",
             {"minimum": 0, "maximum": 8, "step": 1}),
-    Setting("smfsr_seed", -1, "SMFSR seed (-1 = random each time)", "number", {"precision": 0}),
+    # 0, as in every other door: the same input gives the same image each time
+    Setting("smfsr_seed", 0, "SMFSR seed (-1 = random each time)", "number", {"precision": 0}),
     Setting("smfsr_tile", 0, "SMFSR latent tile size (latent px; 0 = the model's default)", "slider",
             {"minimum": 0, "maximum": 256, "step": 4}),
     Setting("smfsr_tile_overlap", 0, "SMFSR latent tile overlap (0 = the model's, in proportion to the tile)", "slider",
@@ -89,7 +91,25 @@ SETTING_NAMES = {
     "dtype": "Settings > Upscaling > 'SMFSR precision'", "weights": "Settings > Upscaling > 'SMFSR weights'",
     "block_swap": "Settings > Upscaling > 'SMFSR block swap'", "scale": "the upscale factor (Resize)",
     "device": "the web UI's device (--use-cpu)", "model": "the upscaler",
+    "vae_input": "a bundle's VAE (`smfsr convert --vae`)", "encoders_input": "a bundle's prompt (`smfsr convert --sd35`)",
 }
+
+
+@contextmanager
+def host_model_aside(model, lowvram: bool, to_cpu, to_device):
+    """While SMFSR runs on a GPU, the web UI's SD model goes to the CPU only when the user asked for
+    low VRAM (--lowvram/--medvram), and back after, even if the upscale fails: A1111 does not reload
+    a checkpoint that is already loaded, so Hires. fix's VAE encode right after the upscale, and every
+    later generation, would otherwise find a CPU model. Without low VRAM the model stays where it is
+    (SMFSR's own memory check says what to lower when both do not fit)."""
+    move = lowvram and model is not None
+    if move:
+        to_cpu(model)
+    try:
+        yield
+    finally:
+        if move:
+            to_device(model)
 
 
 def settings_key(settings: dict) -> tuple:

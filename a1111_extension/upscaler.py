@@ -1,16 +1,18 @@
 """SMFSR as an A1111/Forge upscaler: one entry per model in the Extras tab, Hires. fix and the API.
 
-Imports only A1111's stable modules (modules.upscaler, modules.shared, modules.script_callbacks);
-Forge's memory manager is used when present (``backend.memory_management``)."""
+Imports only A1111's stable modules (modules.upscaler, modules.shared, modules.sd_models); Forge's
+memory manager is used when present (``backend.memory_management``)."""
 
 from __future__ import annotations
 
 import logging
 import sys
+from contextlib import contextmanager
 
+import torch
 from PIL import Image
 
-from modules import script_callbacks, shared
+from modules import shared
 from modules.upscaler import Upscaler, UpscalerData
 
 from smfsr.errors import SMFSRError, door_message
@@ -36,25 +38,24 @@ class UpscalerSMFSR(Upscaler):  # the name gives --smfsr-models-path (cmd_opts.s
                         for entry in logic.discover(shared.models_path, dirname)]
 
     def load_model(self, path: str) -> SMFSRUpscaler:
-        lowvram = bool(getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False))
-        runtime = logic.runtime(settings(), self.device, bool(shared.cmd_opts.no_half), lowvram)
+        runtime = logic.runtime(settings(), self.device, bool(shared.cmd_opts.no_half), low_vram())
         key = (path, runtime)
         if self.cached is None or self.cached[0] != key:
             self.cached = None
-            free_host_memory()
             self.cached = (key, SMFSRUpscaler.from_pretrained(path, runtime=runtime))
         return self.cached[1]
 
     def do_upscale(self, img: Image.Image, selected_model: str) -> Image.Image:
         s = settings()
         try:
-            upscaler = self.load_model(selected_model)
-            options = logic.options(s, self.scale)
-            line = upscaler.announcement(img.height, img.width, options)
-            if line:  # a long job: said on the console and in the progress text before it starts
-                log.warning("SMFSR: %s", line)
-                shared.state.textinfo = f"SMFSR: {line}"
-            return upscaler.upscale_image(from_pil(img), options, progress=report_progress)
+            with room_on_the_gpu(self.device):
+                upscaler = self.load_model(selected_model)
+                options = logic.options(s, self.scale)
+                line = upscaler.announcement(img.height, img.width, options)
+                if line:  # a long job: said on the console and in the progress text before it starts
+                    log.warning("SMFSR: %s", line)
+                    shared.state.textinfo = f"SMFSR: {line}"
+                return upscaler.upscale_image(from_pil(img), options, progress=report_progress)
         except Interrupted:
             return img  # A1111 sees state.interrupted and stops; the input comes back unchanged
         except SMFSRError as e:
@@ -76,26 +77,33 @@ def report_progress(done: int, total: int) -> None:
         raise Interrupted
 
 
-def free_host_memory() -> None:
-    """Make room on the GPU: Forge's memory manager, or A1111's SD model to the CPU."""
+def low_vram() -> bool:
+    return bool(getattr(shared.cmd_opts, "lowvram", False) or getattr(shared.cmd_opts, "medvram", False))
+
+
+@contextmanager
+def room_on_the_gpu(device):
+    """Forge: its memory manager unloads its models, on any device (it loads them again when it
+    next needs them). A1111: its SD model leaves the GPU only under --lowvram/--medvram, and comes
+    back after (logic.host_model_aside)."""
     try:
         from backend import memory_management  # Forge
-
+    except ImportError:
+        memory_management = None
+    if memory_management is not None:
         memory_management.unload_all_models()
         memory_management.soft_empty_cache()
+        print("SMFSR: Forge's memory manager unloaded its models", flush=True)
+        yield
         return
-    except ImportError:
-        pass
-    try:
-        import torch
+    if device is None or torch.device(device).type != "cuda":
+        yield
+        return
+    from modules import sd_models
 
-        if torch.cuda.is_available() and getattr(shared, "sd_model", None) is not None:
-            from modules import sd_models
-
-            sd_models.unload_model_weights()
-            torch.cuda.empty_cache()
-    except Exception as e:  # never fail an upscale because the host model could not move
-        log.warning("SMFSR: could not move the SD model off the GPU (%s)", e)
+    with logic.host_model_aside(getattr(shared, "sd_model", None), low_vram(), sd_models.send_model_to_cpu,
+                                sd_models.send_model_to_device):
+        yield
 
 
 def clear_extras_cache() -> None:
@@ -106,13 +114,28 @@ def clear_extras_cache() -> None:
             cache.clear()
 
 
-def on_ui_settings() -> None:
+def register_settings() -> None:
     import gradio as gr
 
     components = {"slider": gr.Slider, "number": gr.Number, "radio": gr.Radio}
     for s in logic.SETTINGS:
         shared.opts.add_option(s.key, shared.OptionInfo(s.default, s.label, components[s.kind], s.args,
                                                         onchange=clear_extras_cache, section=logic.SECTION))
+    api_models = sys.modules.get("modules.api.models")
+    if api_models is not None:
+        # Forge imports the API's options model before extension scripts load; it is built from the
+        # settings known then, and /sdapi/v1/options answers only its fields. Extended here, before
+        # the API's routes are made (A1111 builds it later, from every registered setting).
+        from typing import Optional
+
+        from pydantic import Field, create_model
+
+        fields = {s.key: (Optional[shared.opts.typemap.get(type(s.default), type(s.default))],
+                          Field(default=s.default, description=s.label)) for s in logic.SETTINGS}
+        api_models.OptionsModel = create_model("Options", __base__=api_models.OptionsModel, **fields)
 
 
-script_callbacks.on_ui_settings(on_ui_settings)
+# Registered when the script loads, not in on_ui_settings: API-only web UIs (--nowebui) never run
+# that callback, and /sdapi/v1/options would not list (or accept) the settings. A value saved in
+# config.json is kept (add_option only fills in a default).
+register_settings()

@@ -1,6 +1,7 @@
 """``python -m bench [--quick] [--only NAME ...] [--no-write]``: run the comparisons, print tables,
 append them to bench/RESULTS.md with the date, machine and commit.
-``python -m bench fullsize ...``: the official path at full size through the doors (its own options)."""
+``python -m bench fullsize ...``: the official path at full size through the doors (its own options);
+``python -m bench conditioning ...``: ComfyUI's SD3 conditioning next to the project's prompt embedding."""
 
 from __future__ import annotations
 
@@ -23,7 +24,8 @@ COMPARISONS = {
 }
 
 
-TOOLS = {"fullsize": "bench.fullsize"}  # rehearsals with their own options and output folder
+TOOLS = {"fullsize": "bench.fullsize",  # rehearsals with their own options and output folder
+         "conditioning": "bench.conditioning"}
 
 
 def main() -> None:

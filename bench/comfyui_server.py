@@ -94,15 +94,17 @@ def prepare_base(base: Path) -> Path:
 
 
 @contextmanager
-def comfyui(base: Path, comfyui_dir: str | os.PathLike, python: str, timeout: float = 180):
-    """Start ComfyUI (CPU) on ``base``; yields a ``Comfy`` client, stops the server afterwards."""
+def comfyui(base: Path, comfyui_dir: str | os.PathLike, python: str, timeout: float = 180,
+            other_packs: tuple[str, ...] = ()):
+    """Start ComfyUI (CPU) on ``base`` with this pack and ``other_packs`` (folders in its custom_nodes/)
+    as its only custom nodes; yields a ``Comfy`` client, stops the server afterwards."""
     prepare_base(base)
     port = free_port()
     log = open(base / "comfyui.log", "w")
     proc = subprocess.Popen(
         [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--disable-auto-launch",
          "--disable-api-nodes", "--base-directory", str(base), "--disable-all-custom-nodes",
-         "--whitelist-custom-nodes", "smfsr", "--database-url", "sqlite:///:memory:"],
+         "--whitelist-custom-nodes", "smfsr", *other_packs, "--database-url", "sqlite:///:memory:"],
         cwd=str(comfyui_dir), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     server = Comfy(f"http://127.0.0.1:{port}", base, proc)

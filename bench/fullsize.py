@@ -1,20 +1,25 @@
 """The official path at full size through the doors, on random weights in the real shapes:
 
-    python -m bench fullsize --out DIR [--depth N] [--doors cli,python,comfyui] [--dtype auto|fp32|bf16|fp16|fp8]
-                             [--layouts stability,stability_t5fp8,comfy_org,diffusers] [--comfyui-dir D]
+    python -m bench fullsize --out DIR [--depth N] [--doors cli,python,comfyui,a1111,app]
+                             [--layouts stability,stability_t5fp8,comfy_org,diffusers,bundle]
+                             [--dtype auto|fp32|bf16|fp16|fp8] [--comfyui-dir D] [--a1111-dir D]
 
 writes the files users download (``bench.layouts``: the official SMFSR transformer folder,
 Stability's sd3.5_medium.safetensors + text_encoders/, Comfy-Org's all-in-one, the diffusers
 folder) under DIR (kept and reused: writing them takes minutes), then runs each
 door on one 64x64 image to 256x256, each in a fresh process:
 - cli: ``smfsr upscale`` with the layout's VAE and text encoders (the project's prompt encoding,
-  ComfyUI's tokenizer files);
+  ComfyUI's tokenizer files), or with the bundle;
 - python: ``SMFSRUpscaler.from_pretrained`` + ``text_encoders.encode_text``;
 - comfyui: a real ComfyUI server through its HTTP API with the shipped SD3.5 workflow for the
   layout (smfsr_sd35 for Stability's files, smfsr_sd35_all_in_one for Comfy-Org's), ComfyUI's own
-  loaders and tokenizers.
-DIR/summary.json: per door and layout ok/error (the message), wall time, peak RSS, and the memory
-the door's pre-load checks estimate (the SMFSR model's and the text encoders' loading peaks).
+  loaders and tokenizers;
+- a1111, app: a real A1111 web UI through its API (Extras) and the app (``smfsr app``) through
+  gradio's client, on the bundle: the layout ``bundle``, made from Stability's files (fp8 T5) by
+  ``smfsr convert`` (measured as the row ``convert``), as `smfsr download --bundle` makes it.
+DIR/summary.json: per door and layout ok/error (the message), wall time, peak RSS, the memory the
+door's pre-load checks estimate (the SMFSR model's and the text encoders' loading peaks) and, for
+the doors on the bundle, the largest pixel difference from the CLI's output on it (same seed).
 Exit status 0 when every run is ok. ``--depth`` keeps every width and key pattern but only N blocks
 of the SMFSR transformer and the MMDiT (the text encoders keep their real size); the default is
 the real depth, 24.
@@ -32,12 +37,16 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DOORS = ("cli", "python", "comfyui")
-# stability_t5fp8: Stability's files with its t5xxl_fp8_e4m3fn instead of t5xxl_fp16 (in ComfyUI: picked in
-# the shipped workflow's Triple CLIP loader)
-LAYOUTS = ("stability", "stability_t5fp8", "comfy_org", "diffusers")
-DOOR_LAYOUTS = {"cli": LAYOUTS, "python": LAYOUTS, "comfyui": LAYOUTS[:3]}
+DOORS = ("cli", "python", "comfyui", "a1111", "app")
+# stability_t5fp8: Stability's files with its t5xxl_fp8_e4m3fn instead of t5xxl_fp16 (the smfsr_sd35
+# workflow's default); bundle: `smfsr convert` of the official folder with Stability's files (fp8 T5)
+LAYOUTS = ("stability", "stability_t5fp8", "comfy_org", "diffusers", "bundle")
+DOOR_LAYOUTS = {"cli": LAYOUTS, "python": LAYOUTS[:4], "comfyui": LAYOUTS[:3], "a1111": ("bundle",),
+                "app": ("bundle",)}
 WORKFLOW = {"stability": "smfsr_sd35", "stability_t5fp8": "smfsr_sd35", "comfy_org": "smfsr_sd35_all_in_one"}
+BUNDLE_NAME = "smfsr_q"  # A1111 lists it as "SMFSR x4 (smfsr_q)", as the app does
+SEED = 0
+CLI = "import sys; from smfsr.cli import main; sys.exit(main(sys.argv[1:]))"
 # how the SMFSR transformer runs: (the doors' dtype, weights); auto is every door's default (fp32 on a CPU)
 DTYPES = {"auto": ("auto", "auto"), "fp32": ("fp32", "auto"), "bf16": ("bf16", "auto"), "fp16": ("fp16", "auto"),
           "fp8": ("bf16", "fp8_e4m3fn")}
@@ -58,7 +67,8 @@ def write_weights(out: Path, depth: int, layouts: set[str], tokenizers: Path, sa
     shared, deep = out / "weights", out / f"weights-d{depth}"
     paths = {"smfsr": deep / "smfsr" / "smfsr_q", "checkpoint": deep / "stability" / L.STABILITY_CHECKPOINT,
              **{name: shared / "stability" / "text_encoders" / file for name, file in L.ENCODER_FILES.items()},
-             "all_in_one": deep / "comfy_org" / L.COMFY_ORG_CHECKPOINT, "diffusers": shared / "diffusers"}
+             "all_in_one": deep / "comfy_org" / L.COMFY_ORG_CHECKPOINT, "diffusers": shared / "diffusers",
+             "bundle": deep / "bundle" / f"{BUNDLE_NAME}.safetensors"}  # made by the convert door
 
     def step(what: str, target: Path, write) -> None:
         if target.exists():
@@ -70,9 +80,10 @@ def write_weights(out: Path, depth: int, layouts: set[str], tokenizers: Path, sa
 
     step("the SMFSR transformer", paths["smfsr"] / "transformer" / "diffusion_pytorch_model.safetensors",
          lambda: L.write_smfsr(paths["smfsr"], depth))
-    if {"stability", "stability_t5fp8"} & layouts:
+    if {"stability", "stability_t5fp8", "bundle"} & layouts:
+        fp8 = bool({"stability_t5fp8", "bundle"} & layouts)
         step(L.STABILITY_CHECKPOINT, paths["checkpoint"], lambda: L.write_stability(paths["checkpoint"], depth))
-        for name in ("clip_l", "clip_g") + ("t5",) * ("stability" in layouts) + ("t5_fp8",) * ("stability_t5fp8" in layouts):
+        for name in ("clip_l", "clip_g") + ("t5",) * ("stability" in layouts) + ("t5_fp8",) * fp8:
             step(L.ENCODER_FILES[name], paths[name], lambda name=name: L.write_encoder_file(paths[name], name))
     if "comfy_org" in layouts:
         step(L.COMFY_ORG_CHECKPOINT, paths["all_in_one"], lambda: L.write_comfy_org(paths["all_in_one"].parent, depth))
@@ -83,7 +94,9 @@ def write_weights(out: Path, depth: int, layouts: set[str], tokenizers: Path, sa
 
 
 def encoder_args(layout: str, paths: dict[str, Path], tokenizers: Path) -> dict[str, str]:
-    """The VAE and text-encoder options of the CLI for a layout."""
+    """The VAE and text-encoder options of the CLI for a layout (none for the bundle: it holds both)."""
+    if layout == "bundle":
+        return {}
     if layout.startswith("stability"):
         return {"vae": str(paths["checkpoint"]), "clip_l": str(paths["clip_l"]), "clip_g": str(paths["clip_g"]),
                 "t5": str(paths["t5_fp8" if layout == "stability_t5fp8" else "t5"]), "tokenizers": str(tokenizers)}
@@ -101,10 +114,15 @@ def announced(door: str, layout: str, paths: dict[str, Path], tokenizers: Path, 
     from smfsr.devices import parse_dtype
 
     compute, weights = DTYPES[dtype]
-    model = memory.needed_bytes(memory.stored_tensors(paths["smfsr"]), parse_dtype(compute, torch.device("cpu")),
-                                weights != "auto")[0]
+    compute = parse_dtype(compute, torch.device("cpu"))
+    if door == "convert":  # reads the folder into fp16, the bundle's dtype
+        compute, weights, layout = torch.float16, "auto", "stability_t5fp8"
+    model_path = paths["bundle"] if layout == "bundle" else paths["smfsr"]
+    if not Path(model_path).exists():
+        return {}
+    model = memory.needed_bytes(memory.stored_tensors(model_path), compute, weights != "auto")[0]
     out = {"model_gib": round(model / GiB, 2)}
-    if door != "comfyui":
+    if door in ("cli", "python", "convert") and layout != "bundle":
         args = encoder_args(layout, paths, tokenizers)
         sources = text_encoders.find_sources(args.get("sd35"), clip_l=args.get("clip_l"), clip_g=args.get("clip_g"),
                                              t5=args.get("t5"), tokenizers=args.get("tokenizers"))
@@ -162,9 +180,9 @@ def run_subprocess_door(door: str, layout: str, paths: dict[str, Path], tokenize
     output = work / f"{door}-{layout}.png"
     output.unlink(missing_ok=True)
     if door == "cli":
-        command = [sys.executable, "-c", "import sys; from smfsr.cli import main; sys.exit(main(sys.argv[1:]))",
-                   "upscale", str(image), "-o", str(output), "--model", str(paths["smfsr"]), "--device", "cpu",
-                   "--dtype", compute, "--weights", weights]
+        model = paths["bundle"] if layout == "bundle" else paths["smfsr"]
+        command = [sys.executable, "-c", CLI, "upscale", str(image), "-o", str(output), "--model", str(model),
+                   "--device", "cpu", "--dtype", compute, "--weights", weights, "--seed", str(SEED)]
         for key, value in args.items():
             command += [f"--{key.replace('_', '-')}", value]
     else:
@@ -177,6 +195,144 @@ def run_subprocess_door(door: str, layout: str, paths: dict[str, Path], tokenize
     status, wall, rss = measured(command, log, timeout)
     row = {"door": door, "layout": layout, "wall_s": round(wall, 1), "peak_rss_gib": round(rss / GiB, 2)}
     return {**row, **check_output(output, status, log)}
+
+
+def run_convert(paths: dict[str, Path], tokenizers: Path, work: Path, timeout: float) -> dict:
+    """`smfsr convert` of the official folder with Stability's files (fp8 T5) into the bundle the
+    a1111 and app doors load, made anew each run (it is measured)."""
+    bundle = paths["bundle"]
+    bundle.parent.mkdir(parents=True, exist_ok=True)
+    bundle.unlink(missing_ok=True)
+    command = [sys.executable, "-c", CLI, "convert", "--transformer", str(paths["smfsr"]), "-o", str(bundle)]
+    for key, value in encoder_args("stability_t5fp8", paths, tokenizers).items():
+        command += [f"--{key.replace('_', '-')}", value]
+    log = work / "convert.log"
+    status, wall, rss = measured(command, log, timeout)
+    row = {"door": "convert", "layout": "stability_t5fp8", "wall_s": round(wall, 1), "peak_rss_gib": round(rss / GiB, 2)}
+    if status != 0 or not bundle.exists():
+        return {**row, "ok": False, "error": f"exit status {status}: {last_error(log)}"}
+    return {**row, "ok": True, "error": None, "bundle_gib": round(bundle.stat().st_size / GiB, 2)}
+
+
+def run_a1111(paths: dict[str, Path], image: Path, work: Path, dtype: str, a1111_dir: str, python: str,
+              timeout: float) -> dict:
+    """Extras in a real A1111 (API only, CPU) with the bundle in models/SMFSR, seed fixed."""
+    from bench.a1111_server import a1111
+    from bench.comfyui_server import link_models
+
+    compute, weights = DTYPES[dtype]
+    data = work / "a1111"
+    link_models(data, {f"SMFSR/{BUNDLE_NAME}.safetensors": paths["bundle"]})
+    output = work / "a1111-bundle.png"
+    output.unlink(missing_ok=True)
+    row, error = {"door": "a1111", "layout": "bundle"}, None
+    start = time.perf_counter()
+    try:
+        with a1111(data, a1111_dir, python, no_half=compute in ("auto", "fp32")) as server:
+            row["startup_s"] = round(time.perf_counter() - start, 1)
+            settings = {"upscaling_max_images_in_cache": 0, "smfsr_seed": SEED, "smfsr_weights": weights,
+                        "smfsr_dtype": compute if compute != "fp32" else "auto"}  # fp32: --no-half
+            server.call("/sdapi/v1/options", settings)
+            started = time.perf_counter()
+            try:
+                output.write_bytes(server.extras(image, f"SMFSR x4 ({BUNDLE_NAME})", SIZE_OUT / SIZE_IN,
+                                                 timeout=timeout))
+            except OSError as e:
+                error = f"{type(e).__name__}: {e}"
+                if server.process.poll() is not None:
+                    error = killed_or_exited("A1111", server.process.returncode, error)
+            row["wall_s"] = round(time.perf_counter() - started, 1)
+            try:
+                row["peak_rss_gib"] = round(server.peak_rss() / GiB, 2)
+            except (OSError, StopIteration):
+                row["peak_rss_gib"] = None
+    except RuntimeError as e:
+        error = str(e)[-600:]
+    (work / "a1111-bundle.log").write_text((data / "webui.log").read_text(errors="replace"))
+    if error is None and output.exists() and is_lanczos(output, image):
+        # A1111 answers a failed upscaler with a Lanczos resize and HTTP 200: the error is in its log
+        error = f"A1111 fell back to Lanczos: {last_error(work / 'a1111-bundle.log')}"
+    return {**row, **check_output(output, 0, None, error)}
+
+
+def run_app(paths: dict[str, Path], image: Path, work: Path, dtype: str, timeout: float) -> dict:
+    """The app as a user starts it (`smfsr app --model BUNDLE`), driven through gradio's client."""
+    from gradio_client import Client, handle_file
+
+    from bench.comfyui_server import free_port
+
+    compute, weights = DTYPES[dtype]
+    output = work / "app-bundle.png"
+    output.unlink(missing_ok=True)
+    port = free_port()
+    log_path = work / "app-bundle.log"
+    row, error = {"door": "app", "layout": "bundle"}, None
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", CLI, "app", "--model", str(paths["bundle"]), "--device", "cpu",
+                                 "--dtype", compute, "--weights", weights, "--port", str(port)],
+                                stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        start, client = time.perf_counter(), None
+        try:
+            while client is None:
+                try:
+                    client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+                except Exception:
+                    if proc.poll() is not None or time.perf_counter() - start > 180:
+                        raise RuntimeError(f"the app did not start: {last_error(log_path)}") from None
+                    time.sleep(1)
+            row["startup_s"] = round(time.perf_counter() - start, 1)
+            started = time.perf_counter()
+            try:
+                _, downloads, status = client.predict([handle_file(str(image))], f"SMFSR x4 ({BUNDLE_NAME})",
+                                                      SIZE_OUT / SIZE_IN, SEED, 0, 0, "auto", api_name="/upscale")
+                output.write_bytes(Path(downloads[0]).read_bytes())
+            except Exception as e:  # gradio_client raises its own AppError with the page's message
+                error = f"{type(e).__name__}: {e}"[:600]
+                if proc.poll() is not None:
+                    error = killed_or_exited("the app", proc.returncode, error)
+            row["wall_s"] = round(time.perf_counter() - started, 1)
+            try:
+                status_text = Path(f"/proc/{proc.pid}/status").read_text()
+                row["peak_rss_gib"] = round(next(int(line.split()[1]) * 1024 for line in status_text.splitlines()
+                                                 if line.startswith("VmHWM")) / GiB, 2)
+            except (OSError, StopIteration):
+                row["peak_rss_gib"] = None
+        except RuntimeError as e:
+            error = str(e)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    return {**row, **check_output(output, 0, None, error)}
+
+
+def killed_or_exited(host: str, code: int, error: str) -> str:
+    return (f"{host} was killed (SIGKILL: most likely the OS out of memory)" if code == -9
+            else f"{host} exited with status {code}") + f" while running ({error})"
+
+
+def is_lanczos(output: Path, image: Path) -> bool:
+    """Within one level of a Lanczos resize of the input almost everywhere (A1111's fallback)."""
+    import numpy as np
+    from PIL import Image
+
+    got = np.asarray(Image.open(output).convert("RGB")).astype(int)
+    with Image.open(image) as im:
+        lanczos = np.asarray(im.convert("RGB").resize(got.shape[1::-1], Image.Resampling.LANCZOS)).astype(int)
+    return got.shape == lanczos.shape and (np.abs(got - lanczos) > 1).mean() < 0.01
+
+
+def max_difference(a: Path, b: Path) -> int | None:
+    """The largest per-channel difference (0-255) of two images of one size, None if either is absent."""
+    import numpy as np
+    from PIL import Image
+
+    if not (a.exists() and b.exists()):
+        return None
+    x, y = (np.asarray(Image.open(p).convert("RGB")).astype(int) for p in (a, b))
+    return int(np.abs(x - y).max()) if x.shape == y.shape else None
 
 
 def check_output(output: Path, status: int, log: Path | None, error: str | None = None) -> dict:
@@ -247,9 +403,7 @@ def run_comfyui(layout: str, paths: dict[str, Path], image: Path, work: Path, dt
             except (RuntimeError, TimeoutError, AssertionError, OSError) as e:
                 error = f"{type(e).__name__}: {e}"
                 if server.process.poll() is not None:  # a server that dies stops answering first
-                    code = server.process.returncode
-                    error = ("ComfyUI was killed (SIGKILL: most likely the OS out of memory)" if code == -9
-                             else f"ComfyUI exited with status {code}") + f" while running the prompt ({error})"
+                    error = killed_or_exited("ComfyUI", server.process.returncode, error)
             row["wall_s"] = round(time.perf_counter() - started, 1)
             try:
                 row["peak_rss_gib"] = round(server.peak_rss() / GiB, 2)
@@ -283,12 +437,13 @@ def input_image(path: Path) -> Path:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| door | layout | ok | wall s | peak RSS GiB | estimated GiB (model / encoders) | error |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| door | layout | ok | wall s | peak RSS GiB | estimated GiB (model / encoders) | max diff vs CLI | error |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         est = f"{r.get('model_gib', '-')} / {r.get('encoders_gib', '-')}"
         lines.append(f"| {r['door']} | {r['layout']} | {'yes' if r['ok'] else 'no'} | {r.get('wall_s', '-')} | "
-                     f"{r.get('peak_rss_gib', '-')} | {est} | {(r['error'] or '').replace('|', '/')[:200]} |")
+                     f"{r.get('peak_rss_gib', '-')} | {est} | {r.get('max_diff_vs_cli', '-')} | "
+                     f"{(r['error'] or '').replace('|', '/')[:200]} |")
     return "\n".join(lines)
 
 
@@ -306,6 +461,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--comfyui-dir", default=os.environ.get("COMFYUI_DIR"), help="a ComfyUI checkout (default "
                         "$COMFYUI_DIR); its tokenizer files serve every door")
     parser.add_argument("--comfyui-python", default=os.environ.get("COMFYUI_PYTHON", sys.executable))
+    parser.add_argument("--a1111-dir", default=os.environ.get("A1111_DIR"), help="an A1111 checkout for the a1111 "
+                        "door (default $A1111_DIR)")
+    parser.add_argument("--a1111-python", default=os.environ.get("A1111_PYTHON", sys.executable))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per door run")
     args = parser.parse_args(argv)
     args.doors = [d for d in args.doors.split(",") if d]
@@ -317,6 +475,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
         parser.error(f"--layouts takes {', '.join(LAYOUTS)}")
     if not 1 <= args.depth <= 24:
         parser.error("--depth is 1 to 24")
+    if "a1111" in args.doors and not (args.a1111_dir and (Path(args.a1111_dir) / "launch.py").exists()):
+        parser.error("the a1111 door needs an A1111 checkout (--a1111-dir or $A1111_DIR) with this extension's "
+                     "requirements installed in its Python (--a1111-python, `python install.py`)")
+    if {"a1111", "app"} & set(args.doors) and "bundle" not in args.layouts:
+        parser.error("the a1111 and app doors run the bundle: add bundle to --layouts")
     if not args.comfyui_dir or not (Path(args.comfyui_dir) / "comfy" / "sd1_tokenizer").is_dir():
         parser.error("needs a ComfyUI checkout (--comfyui-dir or $COMFYUI_DIR): its tokenizer files serve every "
                      "door, and the comfyui door runs it")
@@ -333,6 +496,10 @@ def main(argv: list[str] | None = None) -> int:
         print(message, flush=True)
 
     runs = [(door, layout) for door in args.doors for layout in DOOR_LAYOUTS[door] if layout in args.layouts]
+    if any(layout == "bundle" for _, layout in runs):  # made first, by the CLI's convert
+        runs.insert(min(i for i, (_, layout) in enumerate(runs) if layout == "bundle"), ("convert", "bundle"))
+    if ("cli", "bundle") not in runs:  # the reference pixels must come from this run
+        (out / "cli-bundle.png").unlink(missing_ok=True)
     started = time.perf_counter()
     paths = write_weights(out, args.depth, set(args.layouts), tokenizers, say)
     image = input_image(out / "input.png")
@@ -342,9 +509,17 @@ def main(argv: list[str] | None = None) -> int:
         if door == "comfyui":
             row = run_comfyui(layout, paths, image, out, args.dtype, args.comfyui_dir, args.comfyui_python,
                               args.timeout)
+        elif door == "convert":
+            row = run_convert(paths, tokenizers, out, args.timeout)
+        elif door == "a1111":
+            row = run_a1111(paths, image, out, args.dtype, args.a1111_dir, args.a1111_python, args.timeout)
+        elif door == "app":
+            row = run_app(paths, image, out, args.dtype, args.timeout)
         else:
             row = run_subprocess_door(door, layout, paths, tokenizers, image, out, args.dtype, args.timeout)
         row.update(announced(door, layout, paths, tokenizers, args.dtype))
+        if layout == "bundle" and door in ("a1111", "app"):  # the same bundle and seed as the CLI's row
+            row["max_diff_vs_cli"] = max_difference(out / f"{door}-bundle.png", out / "cli-bundle.png")
         say(f"  {'ok' if row['ok'] else 'FAILED: ' + row['error']} ({row.get('wall_s')} s, "
             f"peak {row.get('peak_rss_gib')} GiB)")
         rows.append(row)

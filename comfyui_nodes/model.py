@@ -60,6 +60,22 @@ def checkpoint_vae_state(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return load_tensors(path, prefix=prefix)
 
 
+def checkpoint_text_encoder_states(path: str | os.PathLike) -> list[dict[str, torch.Tensor]]:
+    """The text encoders of an all-in-one checkpoint (Comfy-Org's ``text_encoders.clip_l/clip_g/t5xxl``),
+    one state dict each in the names of their own files (what ComfyUI's CLIP loaders read), without
+    the MMDiT and the VAE the file also holds."""
+    from smfsr.text_encoders import CHECKPOINT_PREFIXES
+
+    _, header = read_header(path)
+    prefixes = [p for p in CHECKPOINT_PREFIXES.values() if any(k.startswith(p) for k in header)]
+    if not prefixes:
+        raise CheckpointError(f"{Path(path).name} holds no text encoders (no text_encoders.* tensors): Stability's "
+                              "sd3.5_medium.safetensors is the MMDiT and the VAE only; load its encoders with "
+                              "TripleCLIPLoader (models/text_encoders/clip_l, clip_g, t5xxl_fp8_e4m3fn), or choose "
+                              "Comfy-Org's sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors")
+    return [load_tensors(path, prefix=p) for p in prefixes]
+
+
 def default_name() -> str | None:
     """The shipped default model, selected first in a new loader node."""
     names = model_names()

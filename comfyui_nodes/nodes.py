@@ -31,7 +31,9 @@ WIDGETS = {"steps": "the steps widget", "latent_tile": "the latent_tile widget",
            "latent_tile_overlap": "the latent_tile_overlap widget", "vae_tile": "the vae_tile widget",
            "weights": "the loader's weights widget", "dtype": "the loader's dtype widget",
            "block_swap": "the loader's block_swap widget", "scale": "the scale widget",
-           "color_fix": "the color_fix widget", "model": "the loader's model_name"}
+           "color_fix": "the color_fix widget", "model": "the loader's model_name",
+           "vae_input": "the VAE (SMFSR VAE from Checkpoint, from models/checkpoints)",
+           "encoders_input": "the CLIP (TripleCLIPLoader from models/text_encoders, or SMFSR CLIP from Checkpoint)"}
 SMFSRModelType = io.Custom("SMFSR_MODEL")
 MAX_SEED = 0xFFFFFFFFFFFFFFFF
 MAX_STEPS = 50  # a flow teacher takes many Euler steps; a one-step model refuses more than 1, saying why
@@ -178,6 +180,38 @@ class SMFSRCheckpointVAELoader(io.ComfyNode):
         vae = comfy.sd.VAE(sd=state)
         vae.throw_exception_if_invalid()
         return io.NodeOutput(vae)
+
+
+class SMFSRCheckpointCLIPLoader(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="SMFSRCheckpointCLIPLoader",
+            display_name="SMFSR CLIP from Checkpoint",
+            category=CATEGORY,
+            description="Loads only the text encoders (CLIP-L, CLIP-G, T5-XXL) of an all-in-one SD3.5 checkpoint, with "
+                        "ComfyUI's own SD3 text-encoder loader: an SMFSR graph does not use the checkpoint's MMDiT, "
+                        "which Load Checkpoint would keep in memory (about 10 GB in fp32 on a CPU).",
+            inputs=[io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"),
+                                   tooltip="A checkpoint in models/checkpoints that holds the text encoders "
+                                           "(Comfy-Org's sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors).")],
+            outputs=[io.Clip.Output()],
+        )
+
+    @classmethod
+    def execute(cls, ckpt_name: str) -> io.NodeOutput:
+        import comfy.sd
+        import comfy.utils
+
+        try:
+            states = models.checkpoint_text_encoder_states(folder_paths.get_full_path_or_raise("checkpoints", ckpt_name))
+        except SMFSRError as e:
+            raise user_error(e) from None
+        # as ComfyUI's CLIP loaders read a text-encoder file: scaled fp8 (T5) converted, then the SD3 set
+        states = [comfy.utils.convert_old_quants(state, model_prefix="", metadata={})[0] for state in states]
+        clip = comfy.sd.load_text_encoder_state_dicts(states, clip_type=comfy.sd.CLIPType.SD3,
+                                                      embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        return io.NodeOutput(clip)
 
 
 class SMFSRLREncode(io.ComfyNode):
@@ -349,5 +383,5 @@ class SMFSRUpscale(io.ComfyNode):
         return io.NodeOutput(image_from_core(out))
 
 
-NODES = [SMFSRModelLoader, SMFSRCheckpointVAELoader, SMFSRLREncode, SMFSRSampler, SMFSRTiledVAEDecode, SMFSRColorFix,
+NODES = [SMFSRModelLoader, SMFSRCheckpointVAELoader, SMFSRCheckpointCLIPLoader, SMFSRLREncode, SMFSRSampler, SMFSRTiledVAEDecode, SMFSRColorFix,
          SMFSRUpscale]

@@ -28,7 +28,9 @@ MAX_STEPS_OFFERED = 8  # the steps slider's end for models that take any number
 log = logging.getLogger("smfsr")
 # how an option the core names is called on the page, for messages (errors.door_message)
 PAGE_NAMES = {"steps": "the Steps slider", "latent_tile": "the Latent tile slider", "scale": "the Scale slider",
-              "seed": "the Seed", "color_fix": "the Colour fix", "model": "the Model menu"}
+              "seed": "the Seed", "color_fix": "the Colour fix", "model": "the Model menu",
+              "vae_input": "a bundle's VAE (`smfsr convert --vae`)",
+              "encoders_input": "a bundle's prompt (`smfsr convert --sd35`)"}
 
 
 class Models:

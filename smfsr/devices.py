@@ -8,6 +8,12 @@ import torch
 from .errors import SMFSRError
 
 
+# torch.OutOfMemoryError exists from torch 2.5; torch.cuda's (same class there) from 1.13. Hosts
+# install torch 2.1.2 (A1111) and 2.3.1 (Forge): naming torch's turned every error there into an
+# AttributeError.
+OutOfMemoryError = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 

@@ -54,6 +54,12 @@ SOURCES = {s.name: s for s in (
                                          "tokenizer_3/*"), "encoders",
            "SD3.5-medium's text encoders CLIP-L, CLIP-G, T5-XXL fp16 and their tokenizers (about 10.5 GB; gated)",
            gated=True),
+    # what the smfsr_sd35 workflow loads: fits a 24 GB machine beside the SMFSR model (README, bench/RESULTS.md)
+    Source("sd35-medium-encoders-fp8", SD35, ("text_encoders/clip_l.safetensors", "text_encoders/clip_g.safetensors",
+                                             "text_encoders/t5xxl_fp8_e4m3fn.safetensors", "tokenizer/*",
+                                             "tokenizer_2/*", "tokenizer_3/*"), "encoders",
+           "the same with T5-XXL in fp8 (about 6.6 GB; gated): half of T5's memory, what ComfyUI's smfsr_sd35 "
+           "workflow loads", gated=True),
 )}
 DOORS = ("cli", "comfyui", "a1111")
 
@@ -329,19 +335,19 @@ def next_steps(source: Source, layout: Layout) -> str:
         if layout.door == "comfyui":
             return (f"in ComfyUI: SMFSR Model Loader -> model_name '{source.name}/' (official weights also need SD3.5's "
                     f"VAE and text encoders: `smfsr download sd35-medium-vae --for comfyui`, `smfsr download "
-                    f"sd35-medium-encoders --for comfyui`), or one bundle: `smfsr download {source.name} --bundle "
-                    "--for comfyui`")
+                    f"sd35-medium-encoders-fp8 --for comfyui`, what the smfsr_sd35 workflow loads), or one bundle: "
+                    f"`smfsr download {source.name} --bundle --for comfyui`")
         return (f"one file for every door: `smfsr download {source.name} --bundle`; or run the folder directly: "
                 f"`smfsr upscale photo.png -o out.png --model {folder} --vae {layout.vae / 'vae'} --prompt PROMPT_FILE`")
     if source.role == "vae":
         return f"use it with `--vae {layout.target(source, 'vae/config.json').parent}`" if layout.door != "comfyui" \
             else "in ComfyUI: Load VAE -> 'sd3.5_medium_vae.safetensors'"
+    t5 = next(Path(p).name for p in source.patterns if Path(p).name.startswith("t5xxl"))
     if layout.door == "comfyui":
-        return ("in ComfyUI: TripleCLIPLoader -> clip_l.safetensors, clip_g.safetensors, t5xxl_fp16.safetensors "
-                "(type sd3)")
+        return f"in ComfyUI: TripleCLIPLoader -> clip_l.safetensors, clip_g.safetensors, {t5}"
     e = layout.encoders / "text_encoders"
     return (f"encode a prompt with `smfsr encode-prompt -o prompt.safetensors --clip-l {e / 'clip_l.safetensors'} "
-            f"--clip-g {e / 'clip_g.safetensors'} --t5 {e / 't5xxl_fp16.safetensors'} --tokenizers {layout.encoders}`")
+            f"--clip-g {e / 'clip_g.safetensors'} --t5 {e / t5} --tokenizers {layout.encoders}`")
 
 
 def download(name: str, *, door: str = "cli", out: str | None = None, comfyui_dir: str | None = None,

@@ -13,6 +13,7 @@ CLI_NAMES = {
     "model": "--model", "steps": "--steps", "scale": "--scale", "seed": "--seed", "color_fix": "--color-fix",
     "latent_tile": "--tile-size", "latent_tile_overlap": "--tile-overlap", "vae_tile": "--vae-tile",
     "device": "--device", "dtype": "--dtype", "weights": "--weights", "block_swap": "--block-swap",
+    "vae_input": "--vae", "encoders_input": "--sd35 (or --clip-l, --clip-g, --t5)",
 }
 _OPTION = re.compile(r"\$\{(\w+)\}")
 

@@ -1,9 +1,9 @@
 """Will a model fit? Said before its weights load, from the file's header and the machine's free
 memory, instead of the OS killing the process halfway through a 10 GB load.
 
-The estimate is of the load's peak: the stored tensors (read into host memory) plus the network in
-its compute dtype when that differs (both exist while it is cast), or only the blocks kept off a
-GPU with block swap; fp8 weights count one byte for the blocks' linear layers. A bundle's VAE and
+The estimate is of the load's peak: the network in its compute dtype plus the largest stored tensor
+(each is cast as it is read), or, for fp8 weights (one byte for the blocks' linear layers), the
+stored tensors beside the quantized network. A bundle's VAE and
 prompt are small and counted as stored.
 """
 
@@ -45,8 +45,12 @@ def needed_bytes(tensors: list[tuple[bool, int, str]], compute: torch.dtype, fp8
     other = sum(n for is_transformer, n, _ in tensors if not is_transformer)
     per_value = FP8_SHARE + (1 - FP8_SHARE) * size if fp8 else size
     running = int(transformer * per_value) + other * size
-    as_stored = all(BYTES.get(d, 4) == size for _, _, d in tensors) and not fp8  # no cast: no second copy
-    return stored + (0 if as_stored else running), running
+    if fp8:  # quantized from the stored tensors: both exist while it runs
+        return stored + running, running
+    # cast tensor by tensor as read (checkpoint.safe_read.load_tensors): the network plus the largest
+    # tensor being cast (one already in the compute dtype is adopted, not copied)
+    largest = max((n * BYTES.get(d, 4) for _, n, d in tensors if BYTES.get(d, 4) != size), default=0)
+    return running + largest, running
 
 
 def free_host_bytes() -> int | None:
@@ -72,23 +76,31 @@ def release_freed_memory() -> None:
         pass
 
 
+def check_host_fits(path: str | os.PathLike, compute: torch.dtype, fp8: bool, lower: list[str] = (),
+                    doing: str = "to load") -> int:
+    """Refuse, with the numbers and ``lower`` (the settings that need less), a model whose load
+    would not fit in free host memory; the bytes of the networks as they run otherwise."""
+    tensors = stored_tensors(path)
+    host, running = needed_bytes(tensors, compute, fp8)
+    free = free_host_bytes()
+    if free is not None and host > free:
+        raise SMFSRError(f"{Path(path).name} needs about {host / 2**30:.1f} GiB of memory {doing} "
+                         f"({sum(n for _, n, _ in tensors) / 1e9:.2f} B values), and {free / 2**30:.1f} GiB are free: "
+                         + ("; ".join(lower) or "close other programs") + ", or free memory")
+    return running
+
+
 def check_fits(path: str | os.PathLike, runtime, *, gpu: bool = True) -> None:
     """Refuse, with the numbers and the settings that lower them, a model that cannot load here.
     ``runtime`` is a resolved ``runtime.Runtime``; ``gpu=False`` checks host memory only (a host
     whose memory manager frees the GPU for the model, ComfyUI's, decides there)."""
-    tensors = stored_tensors(path)
-    host, running = needed_bytes(tensors, runtime.dtype, runtime.weights == "fp8")
-    free = free_host_bytes()
     lower = []
     if runtime.weights != "fp8":
         lower.append("set ${weights} to fp8_e4m3fn (about half of bf16)")
     if runtime.dtype == torch.float32:
         lower.append("set ${dtype} to bf16" + (" (half of fp32)" if runtime.device.type != "cpu" else
                                                " (half of fp32; slower on some CPUs)"))
-    if free is not None and host > free:
-        raise SMFSRError(f"{Path(path).name} needs about {host / 2**30:.1f} GiB of memory to load "
-                         f"({sum(n for _, n, _ in tensors) / 1e9:.2f} B values), and {free / 2**30:.1f} GiB are free: "
-                         + ("; ".join(lower) or "close other programs") + ", or free memory")
+    running = check_host_fits(path, runtime.dtype, runtime.weights == "fp8", lower)
     if gpu and runtime.device.type == "cuda":
         free_gpu, _ = torch.cuda.mem_get_info(runtime.device)
         if running > free_gpu and runtime.block_swap in (0, "0"):

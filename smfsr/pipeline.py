@@ -35,6 +35,7 @@ from .checkpoint import Bundle, load_model
 from .checkpoint.default_model import default_model_path, resolve_model
 from .codec import LatentCodec, LatentScale
 from .color import color_fix
+from .devices import OutOfMemoryError
 from .errors import SMFSRError
 from .estimate import Estimator, announcement
 from .memory import check_fits
@@ -239,7 +240,7 @@ class SMFSRUpscaler:
             try:
                 z = self._steps(lr_latent, noise, settings, embeds, pooled, progress)
                 return self.latent_scale.denormalize(z.float())
-            except torch.OutOfMemoryError:
+            except OutOfMemoryError:
                 current = settings.tile or max(lh, lw)
                 if current // 2 < MIN_LATENT_TILE:
                     raise SMFSRError(f"out of memory even with {current}-cell latent tiles; use a smaller image, "
@@ -339,7 +340,8 @@ def load_prepared(path: str | os.PathLike | None, runtime: Runtime, *, vae: str 
     runtime = runtime.resolved()
     path = resolve_model(path) if path is not None else default_model_path()
     check_fits(path, runtime, gpu=place)  # from the header and free memory, before the weights load
-    bundle = load_model(path)
+    # straight into the compute dtype (fp8 is quantized from the stored precision, so read as stored)
+    bundle = load_model(path, dtype=None if runtime.weights == "fp8" else runtime.dtype)
     if vae is not None:
         from .checkpoint import import_vae
 

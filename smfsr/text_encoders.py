@@ -51,8 +51,24 @@ class Sources:
     tokenizers: Path | None = None  # a diffusers SD3.5 folder or a ComfyUI install
 
 
-def is_diffusers_folder(path: Path) -> bool:
-    return path.is_dir() and all((path / f"text_encoder{s}").is_dir() for s in ("", "_2", "_3"))
+FOLDER_PARTS = {"text_encoder": "CLIP-L", "text_encoder_2": "CLIP-G", "text_encoder_3": "T5-XXL",
+                "tokenizer": "CLIP-L's tokenizer", "tokenizer_2": "CLIP-G's tokenizer", "tokenizer_3": "T5's tokenizer"}
+
+
+def missing_folder_parts(path: Path) -> list[str]:
+    """What a diffusers SD3.5 folder lacks for the prompt: a part's folder, or its config or
+    safetensors weights (a download cut short, or a component left out of ``allow_patterns``)."""
+    missing = []
+    for part in FOLDER_PARTS:
+        folder = path / part
+        if not folder.is_dir():
+            missing.append(f"{part}/")
+        elif part.startswith("text_encoder"):
+            if not (folder / "config.json").is_file():
+                missing.append(f"{part}/config.json")
+            if not any(folder.glob("*.safetensors")):
+                missing.append(f"{part}/*.safetensors")
+    return missing
 
 
 def find_sources(sd35: str | os.PathLike | None = None, *, clip_l=None, clip_g=None, t5=None,
@@ -67,10 +83,16 @@ def find_sources(sd35: str | os.PathLike | None = None, *, clip_l=None, clip_g=N
         if not sd35.exists():
             raise SMFSRError(f"--sd35 {sd35}: no such file or folder")
         if sd35.is_dir():
-            if not is_diffusers_folder(sd35):
+            if not any((sd35 / part).is_dir() for part in FOLDER_PARTS):  # nothing of SD3.5's: another folder
                 found = ", ".join(sorted(p.name for p in sd35.iterdir())[:12]) or "nothing"
                 raise SMFSRError(f"{sd35} is not a diffusers SD3.5 folder: it lacks text_encoder/, text_encoder_2/ "
                                  f"and text_encoder_3/ (found: {found}). {NEEDS}")
+            missing = missing_folder_parts(sd35)
+            if missing:
+                what = ", ".join(f"{m} ({FOLDER_PARTS[m.split('/')[0]]})" for m in missing)
+                raise SMFSRError(f"the SD3.5 folder {sd35} is incomplete: it lacks {what}. Download those parts again "
+                                 "(`smfsr download sd35-medium-encoders` brings the encoders and tokenizers), or give "
+                                 "the single files instead (--clip-l, --clip-g, --t5 with --tokenizers)")
             return Sources(folder=sd35, tokenizers=paths["tokenizers"] or sd35)
         if not all(paths[n] for n in ("clip_l", "clip_g", "t5")):
             _check_checkpoint_holds_encoders(sd35, given={n for n in ("clip_l", "clip_g", "t5") if paths[n]})

@@ -68,6 +68,17 @@ def cannot_import(python: str, modules: str, hint: str = "") -> str | None:
     return f"{python} cannot import {modules} ({last})" + (f"; {hint}" if hint else "")
 
 
+def require_host(missing: str | None) -> None:
+    """In a test or fixture: skip with the reason the host is missing (an error under
+    SMFSR_REQUIRE_HOSTS=1, as in :func:`host_marker`)."""
+    if missing:
+        if os.environ.get("SMFSR_REQUIRE_HOSTS") == "1":
+            raise RuntimeError(f"SMFSR_REQUIRE_HOSTS=1, but the host is missing: {missing}")
+        import pytest
+
+        pytest.skip(missing)
+
+
 def host_marker(missing: str | None):
     """Skip a host's tests with the reason it is missing. Under SMFSR_REQUIRE_HOSTS=1 (CI, which
     sets the hosts up) a missing host is an error instead, so CI can never pass by skipping them."""

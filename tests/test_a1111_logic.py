@@ -52,14 +52,20 @@ def test_one_pass_reaches_the_requested_scale(tiny_bundle_path):
 
 
 def test_settings_defaults_and_random_seed():
-    # every setting defaults to "the model's" (0 / auto): what the model stores is what runs
-    assert logic.DEFAULTS == {"smfsr_steps": 0, "smfsr_seed": -1, "smfsr_tile": 0, "smfsr_tile_overlap": 0,
+    from smfsr.options import UpscaleOptions
+
+    # every setting defaults to "the model's" (0 / auto): what the model stores is what runs; the
+    # seed to 0, every other door's default, so the same input gives the same image in every door
+    assert logic.DEFAULTS == {"smfsr_steps": 0, "smfsr_seed": 0, "smfsr_tile": 0, "smfsr_tile_overlap": 0,
                               "smfsr_vae_tile": 0, "smfsr_color_fix": "auto", "smfsr_dtype": "auto",
                               "smfsr_weights": "auto", "smfsr_block_swap": 0}
     o = logic.options({}, 4, rng=random.Random(1))
     assert (o.scale, o.steps, o.tile_size, o.tile_overlap, o.color_fix) == (4.0, None, None, None, None)
     assert o.vae_tiling == VAETiling()
-    assert 0 <= o.seed < 2**32 and o.seed == logic.options({}, 4, rng=random.Random(1)).seed
+    assert o.seed == UpscaleOptions().seed == 0
+    # -1: random each time
+    r = logic.options({"smfsr_seed": -1}, 4, rng=random.Random(1))
+    assert 0 <= r.seed < 2**32 and r.seed == logic.options({"smfsr_seed": -1}, 4, rng=random.Random(1)).seed
     assert logic.options({"smfsr_seed": 7, "unrelated": 1}, 2).seed == 7
     assert logic.settings_key({"smfsr_seed": 1}) != logic.settings_key({"smfsr_seed": 2})
     assert all(s.key.startswith("smfsr_") and s.label for s in logic.SETTINGS)
@@ -71,8 +77,31 @@ def test_scripts_folder_only_imports_the_extension():
     scripts = Path(__file__).resolve().parents[1] / "scripts"
     files = sorted(p.name for p in scripts.iterdir() if p.suffix == ".py")
     assert files == ["smfsr.py"]
-    code = [l for l in (scripts / "smfsr.py").read_text().splitlines() if l.strip() and not l.startswith("#")]
-    assert code == ["import a1111_extension.upscaler  # noqa: F401"]
+    code = [l.strip() for l in (scripts / "smfsr.py").read_text().splitlines() if l.strip() and not l.startswith("#")]
+    assert code[-1] == "import a1111_extension.upscaler  # noqa: F401"
+    assert "from smfsr.stack import import_problem" in code
+
+
+def test_the_host_model_leaves_the_gpu_only_under_low_vram_and_comes_back():
+    """A1111 does not reload a checkpoint that is already loaded: a model sent to the CPU for the
+    upscale must be back on its device after it, also when the upscale fails (Hires. fix VAE-encodes
+    right after, on the model's device)."""
+    model = {"device": "cuda"}
+    to_cpu = lambda m: m.update(device="cpu")  # noqa: E731
+    to_device = lambda m: m.update(device="cuda")  # noqa: E731
+    seen = []
+    with logic.host_model_aside(model, True, to_cpu, to_device):
+        seen.append(model["device"])
+    assert seen == ["cpu"] and model["device"] == "cuda"
+    with pytest.raises(RuntimeError):
+        with logic.host_model_aside(model, True, to_cpu, to_device):
+            raise RuntimeError("the upscale failed")
+    assert model["device"] == "cuda"
+    with logic.host_model_aside(model, False, to_cpu, to_device):  # no low VRAM asked for: left alone
+        seen.append(model["device"])
+    assert seen == ["cpu", "cuda"]
+    with logic.host_model_aside(None, True, to_cpu, to_device):  # no model loaded yet
+        pass
 
 
 def test_runtime_settings_and_a_low_vram_web_ui_swap_blocks():

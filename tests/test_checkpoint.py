@@ -223,7 +223,7 @@ def test_bare_state_dict_is_explained(tmp_path):
     model = build_transformer(transformer_config("tiny"))
     path = tmp_path / "diffusion_pytorch_model.safetensors"
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    with pytest.raises(CheckpointError, match="bare transformer state dict"):
+    with pytest.raises(CheckpointError, match="bare SMFSR transformer state dict"):
         load_model(path)
 
 

@@ -26,7 +26,7 @@ from tests.helpers import DOOR_SEED, cannot_import, door_input, host_marker, lib
 REPO = Path(__file__).resolve().parents[1]
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
-NODES = ["SMFSRModelLoader", "SMFSRCheckpointVAELoader", "SMFSRLREncode", "SMFSRSampler", "SMFSRTiledVAEDecode",
+NODES = ["SMFSRModelLoader", "SMFSRCheckpointVAELoader", "SMFSRCheckpointCLIPLoader", "SMFSRLREncode", "SMFSRSampler", "SMFSRTiledVAEDecode",
          "SMFSRColorFix", "SMFSRUpscale"]
 
 
@@ -58,8 +58,54 @@ def comfy(tmp_path_factory, tiny_bundle_path):
     (base / "models" / "smfsr" / "broken.safetensors").write_bytes(tiny_bundle_path.read_bytes()[:4000])
     Image.fromarray(photo_like(40, 56)).save(base / "input" / "example.png")
     Image.fromarray(photo_like(96, 96, seed=3)).save(base / "input" / "large.png")
-    with comfyui(base, COMFYUI_DIR, COMFYUI_PYTHON) as server:
+    write_other_pack(base / "custom_nodes" / "zz_other_pack")
+    with comfyui(base, COMFYUI_DIR, COMFYUI_PYTHON, other_packs=("zz_other_pack",)) as server:
         yield server
+
+
+OTHER_PACK = """
+import os, sys
+sys.path.append(os.path.dirname(os.path.abspath(__file__)))  # as many packs do
+from bench import MARKER  # its own modules, named as this repository's folders are
+from scripts.probe import SUFFIX
+
+
+class OtherPackProbe:
+    CATEGORY = "other"
+    RETURN_TYPES = ()
+    FUNCTION = "run"
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {}}
+
+    def run(self):
+        return {}
+
+
+NODE_CLASS_MAPPINGS = {"OtherPackProbe": OtherPackProbe}
+NODE_DISPLAY_NAME_MAPPINGS = {"OtherPackProbe": MARKER + SUFFIX}
+"""
+
+
+def write_other_pack(folder: Path) -> None:
+    """A second custom-node pack with its own ``bench`` and ``scripts`` modules, loaded after this one.
+    (Not ``tests`` or ``models``: ComfyUI's own folders of those names come first on its sys.path.)"""
+    for package, text in (("bench", "MARKER = 'other pack'\n"), ("scripts", "")):
+        (folder / package).mkdir(parents=True, exist_ok=True)
+        (folder / package / "__init__.py").write_text(text)
+    (folder / "scripts" / "probe.py").write_text("SUFFIX = ': its own modules'\n")
+    (folder / "__init__.py").write_text(OTHER_PACK)
+
+
+def test_another_pack_imports_its_own_modules_named_like_ours(comfy):
+    """This pack registers only its core package ``smfsr``: its bench/ and scripts/ folders do not
+    shadow another pack's modules of the same names."""
+    info = comfy.get("/object_info")
+    assert "OtherPackProbe" in info, "the second pack failed to import beside this one"
+    assert info["OtherPackProbe"]["display_name"] == "other pack: its own modules"
+    assert "SMFSRUpscale" in info
 
 
 def api_workflow(name: str, **changes) -> dict:
@@ -199,7 +245,8 @@ def test_sd35_workflows_are_valid_and_ask_only_for_the_missing_weights(comfy, wo
 def test_the_checkpoint_vae_loader_reads_only_the_vae_and_gives_comfyuis_vae(tmp_path):
     """Stability's sd3.5_medium.safetensors layout (an MMDiT part + first_stage_model.*, random weights
     in SD3.5's VAE shapes): the node's VAE decodes as the core's ldm VAE of the same tensors, and a
-    checkpoint without a VAE is refused by name."""
+    checkpoint without a VAE is refused by name, as is one without text encoders by the CLIP loader
+    (which loads Comfy-Org's all-in-one file in bench.fullsize, at the encoders' real size)."""
     import torch
     from safetensors.torch import save_file
 
@@ -224,6 +271,8 @@ def test_the_checkpoint_vae_loader_reads_only_the_vae_and_gives_comfyuis_vae(tmp
     difference = float(run.stdout.split("decode max diff:")[1].split()[0])
     assert difference < 1e-4, run.stdout
     assert "mmdit_only.safetensors holds no VAE" in run.stdout, run.stdout
+    assert "sd3.5_medium.safetensors holds no text encoders" in run.stdout, run.stdout
+    assert "TripleCLIPLoader (models/text_encoders/clip_l, clip_g, t5xxl_fp8_e4m3fn)" in run.stdout, run.stdout
 
 
 VAE_SCRIPT = """
@@ -250,6 +299,11 @@ reference = decode_latent(import_vae(Path(folder) / "sd3.5_medium.safetensors"),
 print("decode max diff:", (ours.float() - reference).abs().max().item())
 try:
     SMFSRCheckpointVAELoader.execute("mmdit_only.safetensors")
+except RuntimeError as e:
+    print(e)
+from comfyui_nodes.nodes import SMFSRCheckpointCLIPLoader
+try:  # Stability's file: no encoders inside
+    SMFSRCheckpointCLIPLoader.execute("sd3.5_medium.safetensors")
 except RuntimeError as e:
     print(e)
 """

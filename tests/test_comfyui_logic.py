@@ -80,3 +80,10 @@ def test_no_workflow_takes_clip_from_a_checkpoint_that_holds_none():
     stability = json.loads((REPO / "workflows" / "api" / "smfsr_sd35.json").read_text())
     loaders = {n["class_type"] for n in stability.values()}
     assert {"TripleCLIPLoader", "SMFSRCheckpointVAELoader"} <= loaders and "CheckpointLoaderSimple" not in loaders
+    # the fp8 T5 by default: with fp16 the graph does not fit a 24 GB machine on a CPU (bench/RESULTS.md)
+    assert next(n for n in stability.values() if n["class_type"] == "TripleCLIPLoader")["inputs"]["clip_name3"] == \
+        "t5xxl_fp8_e4m3fn.safetensors"
+    # Comfy-Org's all-in-one: its VAE and encoders only, the MMDiT never loaded
+    all_in_one = json.loads((REPO / "workflows" / "api" / "smfsr_sd35_all_in_one.json").read_text())
+    loaders = {n["class_type"] for n in all_in_one.values()}
+    assert {"SMFSRCheckpointCLIPLoader", "SMFSRCheckpointVAELoader"} <= loaders and "CheckpointLoaderSimple" not in loaders

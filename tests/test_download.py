@@ -53,7 +53,7 @@ def no_model_files(folder: Path) -> bool:
 def test_help_lists_the_names():
     run, _ = smfsr("download", "--help")
     assert run.returncode == 0
-    for name in ("smfsr_q", "smfsr_f", "sd35-medium-vae", "sd35-medium-encoders"):
+    for name in ("smfsr_q", "smfsr_f", "sd35-medium-vae", "sd35-medium-encoders", "sd35-medium-encoders-fp8"):
         assert name in run.stdout
 
 
@@ -81,23 +81,26 @@ def test_comfyui_layout_puts_the_folder_where_the_loader_lists_it(tmp_path):
     assert "model_name 'smfsr_q/'" in run.stderr
 
 
-def test_comfyui_layout_puts_the_encoders_and_vae_where_its_loaders_list_them(tmp_path):
+@pytest.mark.parametrize("encoders, t5", [("sd35-medium-encoders", "t5xxl_fp16.safetensors"),
+                                          ("sd35-medium-encoders-fp8", "t5xxl_fp8_e4m3fn.safetensors")])
+def test_comfyui_layout_puts_the_encoders_and_vae_where_its_loaders_list_them(tmp_path, encoders, t5):
     comfy = tmp_path / "ComfyUI"
     (comfy / "models").mkdir(parents=True)
     files = {"text_encoders/clip_l.safetensors": b"l" * 100, "text_encoders/clip_g.safetensors": b"g" * 100,
-             "text_encoders/t5xxl_fp16.safetensors": b"t" * 100, "tokenizer/vocab.json": b"{}",
-             "tokenizer_2/vocab.json": b"{}", "vae/config.json": b"{}", "vae/diffusion_pytorch_model.safetensors": b"v"}
+             "text_encoders/t5xxl_fp16.safetensors": b"t" * 100, "text_encoders/t5xxl_fp8_e4m3fn.safetensors": b"8" * 50,
+             "tokenizer/vocab.json": b"{}", "tokenizer_2/vocab.json": b"{}", "vae/config.json": b"{}",
+             "vae/diffusion_pytorch_model.safetensors": b"v"}
     repos = {"stabilityai/stable-diffusion-3.5-medium": Repo(files, gated=True)}
     with Hub(repos) as hub:
-        for name in ("sd35-medium-encoders", "sd35-medium-vae"):
+        for name in ("sd35-medium-vae", encoders):
             run, _ = smfsr("download", name, "--for", "comfyui", "--comfyui-dir", comfy, "--endpoint", hub.url,
                            env={"HF_TOKEN": "hf_test_token"})
             assert run.returncode == 0, run.stderr[-2000:]
     models = comfy / "models"
     assert sorted(p.name for p in (models / "text_encoders").iterdir()) == [
-        "clip_g.safetensors", "clip_l.safetensors", "t5xxl_fp16.safetensors"]  # ComfyUI ships the tokenizers
+        "clip_g.safetensors", "clip_l.safetensors", t5]  # only the T5 asked for; ComfyUI ships the tokenizers
     assert [p.name for p in (models / "vae").iterdir()] == ["sd3.5_medium_vae.safetensors"]
-    assert "TripleCLIPLoader" in run.stderr or "Load VAE" in run.stderr
+    assert f"TripleCLIPLoader -> clip_l.safetensors, clip_g.safetensors, {t5}" in run.stderr
 
 
 def test_an_interrupted_download_resumes_where_it_stopped(tmp_path):
@@ -152,7 +155,7 @@ def test_a_missing_repository_names_what_exists(tmp_path):
         run, seconds = smfsr("download", "smfsr_q", "-o", tmp_path / "models", "--endpoint", hub.url)
     line = one_line_error(run)
     assert "no repository zw121/SMFSR" in line and "404" in line
-    assert "smfsr_q, smfsr_f, sd35-medium-vae, sd35-medium-encoders" in line
+    assert "smfsr_q, smfsr_f, sd35-medium-vae, sd35-medium-encoders, sd35-medium-encoders-fp8" in line
     run, _ = smfsr("download", "smfsr_x")
     assert "unknown download 'smfsr_x'" in one_line_error(run) or "invalid choice" in run.stderr
 

@@ -63,3 +63,58 @@ def test_undeclared_incompatibilities_become_constraints(monkeypatch):
     assert install.undeclared_constraints() == ["diffusers<0.37"]
     pins = install.installed_constraints()
     assert f"safetensors=={version}" in pins.lower() and "torch==" in pins.lower()
+
+
+def test_an_installed_version_a_rule_rules_out_is_replaced():
+    import importlib.metadata
+
+    version = importlib.metadata.version("safetensors")
+    assert install.unfit(["safetensors>=0.4", "tqdm"], ["safetensors<0.0.1"]) == ["safetensors>=0.4"]
+    assert install.unfit(["safetensors>=0.4"], [f"safetensors<{int(version.split('.')[0]) + 1}"]) == []
+    assert install.unfit(["surely-not-installed-smfsr"], ["surely-not-installed-smfsr<1"]) == []
+    # the rules measured in the hosts' venvs: stock A1111 (torch 2.1.2, transformers 4.30.2) and Forge (peft 0.13.2)
+    rules = {(package, versions): constraint for package, versions, constraint in install.UNDECLARED}
+    assert rules[("torch", "<2.3")] == rules[("peft", "<0.17")] == "diffusers<0.36"
+    assert rules[("transformers", "<4.48")] == "diffusers<0.37"
+
+
+def broken_diffusers(folder: Path) -> dict:
+    """An environment whose diffusers fails at import as 0.36 does on torch 2.1.2."""
+    package = folder / "diffusers"
+    package.mkdir()
+    (package / "__init__.py").write_text("import torch\nraise AttributeError(\"module 'torch' has no attribute 'xpu'\")\n")
+    import os
+
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(folder), str(REPO)])}
+
+
+def test_a_dependency_that_does_not_import_is_one_line_with_the_fix(tmp_path):
+    env = broken_diffusers(tmp_path)
+    run = subprocess.run([sys.executable, "-c", "from smfsr.stack import import_problem; print(import_problem())"],
+                         capture_output=True, text=True, env=env, timeout=120)
+    line = run.stdout.strip()
+    assert run.returncode == 0 and len(line.splitlines()) == 1, run.stderr
+    assert "diffusers" in line and "does not import with torch" in line and "no attribute 'xpu'" in line
+    assert f"{sys.executable} {REPO / 'install.py'}" in line
+    # the A1111/Forge script, loaded as the web UIs load scripts (modules/script_loading.py): that
+    # line on the console, and no upscaler (nothing of A1111 imported)
+    load = ("import importlib.util as u, sys; s = u.spec_from_file_location('smfsr.py', sys.argv[1]); "
+            "s.loader.exec_module(u.module_from_spec(s))")
+    run = subprocess.run([sys.executable, "-c", load, str(REPO / "scripts" / "smfsr.py")], capture_output=True,
+                         text=True, env=env, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == f"SMFSR: the upscaler is not loaded: {line}", run.stderr
+    assert run.stderr == ""
+    # where it imports, nothing is said
+    from smfsr.stack import import_problem
+
+    assert import_problem() is None
+
+
+def test_the_lazy_exports_keep_the_real_cause(tmp_path):
+    """`from smfsr.checkpoint import Bundle` with a diffusers that fails inside its import: the
+    error names that failure, not "cannot import name 'Bundle'"."""
+    run = subprocess.run([sys.executable, "-c", "from smfsr.checkpoint import load_model"], capture_output=True,
+                         text=True, env=broken_diffusers(tmp_path), timeout=120)
+    assert run.returncode != 0
+    last = run.stderr.strip().splitlines()[-1]
+    assert "no attribute 'xpu'" in last and "cannot import name" not in last, run.stderr[-2000:]

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -154,6 +155,18 @@ def test_wrong_inputs_say_what_is_wrong(encoders, tmp_path):
                   "MMDiT and the VAE only"))
     cases.append((["--sd35", stability, "--clip-l", encoders["clip_l"], "--tokenizers", encoders["sd35"]],
                   "add --clip-g models/text_encoders/clip_g.safetensors --t5 models/text_encoders/t5xxl_fp16.safetensors"))
+    # a diffusers folder with a component missing (a download cut short or left out): the part named
+    no_t5 = tmp_path / "no-t5"
+    shutil.copytree(encoders["sd35"], no_t5, ignore=shutil.ignore_patterns("text_encoder_3"))
+    cases.append((["--sd35", no_t5], "the SD3.5 folder " + str(no_t5) + " is incomplete: it lacks text_encoder_3/ (T5-XXL)"))
+    no_weights = tmp_path / "no-weights"
+    shutil.copytree(encoders["sd35"], no_weights, ignore=shutil.ignore_patterns("*.safetensors"))
+    cases.append((["--sd35", no_weights], "it lacks text_encoder/*.safetensors (CLIP-L), text_encoder_2/*.safetensors "
+                                          "(CLIP-G), text_encoder_3/*.safetensors (T5-XXL)"))
+    cut = tmp_path / "t5xxl_fp16.safetensors"  # a truncated encoder file: said before anything loads
+    cut.write_bytes(Path(encoders["t5"]).read_bytes()[:-1000])
+    cases.append((["--clip-l", encoders["clip_l"], "--clip-g", encoders["clip_g"], "--t5", cut, "--tokenizers",
+                   encoders["sd35"]], "truncated"))
     for args, message in cases:
         run = smfsr("encode-prompt", "-o", out, *args)
         assert run.returncode == 2 and message in run.stderr and "Traceback" not in run.stderr, (args, run.stderr)

@@ -24,6 +24,7 @@ WIDGETS = {
     "CheckpointLoaderSimple": ["ckpt_name"],
     "TripleCLIPLoader": ["clip_name1", "clip_name2", "clip_name3"],
     "SMFSRCheckpointVAELoader": ["ckpt_name"],
+    "SMFSRCheckpointCLIPLoader": ["ckpt_name"],
     "CLIPTextEncode": ["text"],
     "Note": ["text"],
     "SMFSRModelLoader": ["model_name", "dtype", "weights", "block_swap", "compile"],
@@ -49,6 +50,7 @@ SOCKETS_OUT = {
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
     "TripleCLIPLoader": [("CLIP", "CLIP")],
     "SMFSRCheckpointVAELoader": [("VAE", "VAE")],
+    "SMFSRCheckpointCLIPLoader": [("CLIP", "CLIP")],
     "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
     "SMFSRModelLoader": [("smfsr_model", "SMFSR_MODEL")],
     "SMFSRLREncode": [("lr_latent", "LATENT"), ("lr_upscaled", "IMAGE")],
@@ -158,16 +160,18 @@ SD35_NOTE = (
     f"{STABILITY}):\n"
     "- models/checkpoints/sd3.5_medium.safetensors (about 5.1 GB: the MMDiT and the VAE; only the VAE is read here, "
     "by SMFSR VAE from Checkpoint)\n"
-    "- models/text_encoders/clip_l.safetensors (0.25 GB), clip_g.safetensors (1.4 GB) and t5xxl_fp16.safetensors "
-    "(9.8 GB) or t5xxl_fp8_e4m3fn.safetensors (4.9 GB), from the same repository's text_encoders/ folder "
-    "(`smfsr download sd35-medium-encoders --for comfyui`)\n"
+    "- models/text_encoders/clip_l.safetensors (0.25 GB), clip_g.safetensors (1.4 GB) and t5xxl_fp8_e4m3fn.safetensors "
+    "(4.9 GB), from the same repository's text_encoders/ folder (`smfsr download sd35-medium-encoders-fp8 --for "
+    "comfyui`). t5xxl_fp16.safetensors (9.8 GB) also works, picked in the Triple CLIP loader: about 5 GB more "
+    "memory (beyond a 24 GB machine with the SMFSR loader's defaults on a CPU)\n"
     + SMFSR_FILE
 )
 SD35_ALL_IN_ONE_NOTE = (
     "Files to download (nothing is fetched for you):\n"
-    f"- models/checkpoints/sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors from {COMFY_ORG} (gated): the MMDiT, "
-    "the VAE and CLIP-L/G + T5-XXL (fp8) in one file. Load Checkpoint keeps all of it in memory, the MMDiT "
-    "included, which this graph does not use: on 24 GB machines prefer the smfsr_sd35 workflow.\n"
+    f"- models/checkpoints/sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors (about 11.6 GB) from {COMFY_ORG} "
+    "(gated): the MMDiT, the VAE and CLIP-L/G + T5-XXL (fp8) in one file. Only the VAE and the text encoders are "
+    "read here (SMFSR VAE / CLIP from Checkpoint): Load Checkpoint would also keep the MMDiT, which this graph does "
+    "not use (about 10 GB in fp32 on a CPU)\n"
     + SMFSR_FILE
 )
 
@@ -196,20 +200,22 @@ def sd35() -> list[Node]:
         Node(1, "SMFSRCheckpointVAELoader", {"ckpt_name": "sd3.5_medium.safetensors"}, (0, 0),
              models=[{"name": "sd3.5_medium.safetensors", "directory": "checkpoints", "url": STABILITY}]),
         Node(11, "TripleCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
-                                      "clip_name3": "t5xxl_fp16.safetensors"}, (0, 120),
+                                      "clip_name3": "t5xxl_fp8_e4m3fn.safetensors"}, (0, 120),
              models=[{"name": n, "directory": "text_encoders", "url": STABILITY}
-                     for n in ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp16.safetensors")]),
+                     for n in ("clip_l.safetensors", "clip_g.safetensors", "t5xxl_fp8_e4m3fn.safetensors")]),
         *sd35_chain(clip=(11, 0), vae=(1, 0), note=SD35_NOTE),
     ]
 
 
 def sd35_all_in_one() -> list[Node]:
-    """Official SMFSR weights with Comfy-Org's all-in-one checkpoint: CLIP and VAE from one file."""
+    """Official SMFSR weights with Comfy-Org's all-in-one checkpoint: the VAE and the text encoders
+    read from the one file, its MMDiT left on disk."""
     name = "sd3.5_medium_incl_clips_t5xxlfp8scaled.safetensors"
     return [
-        Node(1, "CheckpointLoaderSimple", {"ckpt_name": name}, (0, 0),
+        Node(1, "SMFSRCheckpointVAELoader", {"ckpt_name": name}, (0, 0),
              models=[{"name": name, "directory": "checkpoints", "url": COMFY_ORG}]),
-        *sd35_chain(clip=(1, 1), vae=(1, 2), note=SD35_ALL_IN_ONE_NOTE),
+        Node(11, "SMFSRCheckpointCLIPLoader", {"ckpt_name": name}, (0, 120)),
+        *sd35_chain(clip=(11, 0), vae=(1, 0), note=SD35_ALL_IN_ONE_NOTE),
     ]
 
 

@@ -26,4 +26,10 @@ __all__ = sorted(_MODULE_OF)
 def __getattr__(name: str):
     if name not in _MODULE_OF:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+    try:
+        module = importlib.import_module(f".{_MODULE_OF[name]}", __name__)
+    except AttributeError as e:
+        # raised inside the import (a diffusers that does not fit this torch, say): passed on as an
+        # AttributeError, Python would report "cannot import name" and hide it
+        raise ImportError(f"importing {__name__}.{_MODULE_OF[name]} failed: {type(e).__name__}: {e}") from e
+    return getattr(module, name)

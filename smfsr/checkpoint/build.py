@@ -109,12 +109,24 @@ def load_into(build: Callable[[], torch.nn.Module], tensors: dict[str, torch.Ten
     return module
 
 
-def fill_transformer(name: str, model: torch.nn.Module) -> torch.Tensor:
+def fill_transformer(name: str, model: torch.nn.Module, stored: torch.dtype | None = None) -> torch.Tensor:
     """An optional transformer tensor the file lacks: the sin-cos position table, or zeros for a
-    module the official code builds but never runs."""
+    module the official code builds but never runs. The table is rounded to the file's dtype
+    (``stored``, default the weights' dtype as loaded) so a model loaded straight into fp32 runs the
+    table of one loaded as stored and then cast."""
     if name == "pos_embed.pos_embed":
-        return position_table(model.pos_embed, model.pos_embed.proj.weight.dtype)  # the file's dtype
+        weight = model.pos_embed.proj.weight
+        return position_table(model.pos_embed, stored or weight.dtype).to(weight.dtype)
     return torch.zeros(model.state_dict(keep_vars=True)[name].shape)
+
+
+def filler(header: dict[str, tuple], prefix: str = "") -> Callable[[str, torch.nn.Module], torch.Tensor]:
+    """``fill_transformer`` for the file with this header (its stored dtype for the table)."""
+    from .safe_read import TORCH_DTYPES
+
+    entry = header.get(prefix + "pos_embed.proj.weight")
+    stored = getattr(torch, TORCH_DTYPES.get(entry[1], "float32")) if entry else None
+    return lambda name, model: fill_transformer(name, model, stored)
 
 
 def position_table(embed: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:

@@ -21,7 +21,7 @@ import torch
 from ..atomic import write_atomically
 from ..errors import CheckpointError
 from .build import OPTIONAL_TRANSFORMER_KEYS, build_transformer, build_vae, check_state, expected_shapes, \
-    fill_transformer, load_into
+    fill_transformer, filler, load_into
 from .defaults import PipelineDefaults
 from .peek import FORMAT_VERSION, read_bundle_info
 from .safe_read import load_tensors, read_header
@@ -142,8 +142,9 @@ def load_bundle(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     if len(prompt_keys) == 1:
         raise CheckpointError(f"{path} has only one of prompt.embeds / prompt.pooled; it needs both or neither")
 
-    tensors = load_tensors(path)
-    transformer = load_into(make_transformer, _split(tensors, "transformer."), fill_transformer)
+    # cast as read unless the file holds fp8 weights (their scales are kept as stored)
+    tensors = load_tensors(path, dtype=None if weights else dtype)
+    transformer = load_into(make_transformer, _split(tensors, "transformer."), filler(info.header, "transformer."))
     if weights:
         check_scales(transformer, path)
     vae = load_into(make_vae, _split(tensors, "vae.")) if info.vae_config is not None else None

@@ -12,6 +12,7 @@ import torch
 from .. import __version__
 from ..atomic import refuse_existing
 from ..errors import SMFSRError
+from ..memory import check_host_fits
 from .bundle import Bundle, load_bundle, read_prompt_file, save_bundle
 from .defaults import PipelineDefaults
 from .official import import_official_transformer, import_vae
@@ -37,15 +38,7 @@ def convert(transformer: str | os.PathLike, output: str | os.PathLike, *, vae: s
 
         if fp8_supported():
             raise SMFSRError(f"${{weights}} fp8: {fp8_supported()}")
-    source = load_bundle(transformer) if Path(transformer).is_file() else None
-    network = source.transformer if source is not None else import_official_transformer(transformer)
-    if weights == "fp8":
-        from ..quant import is_fp8, to_fp8
-
-        if not is_fp8(network):
-            to_fp8(network, fp8_scale)
-    vae_module = import_vae(vae) if vae else source.vae if source is not None else None
-
+    # the prompt first: its encoders (12.6 GiB at SD3.5's size) are freed before the transformer loads
     embeds = pooled = None
     text = prompt_text
     if prompt_embeds:
@@ -53,7 +46,21 @@ def convert(transformer: str | os.PathLike, output: str | os.PathLike, *, vae: s
     elif encode_text is not None:
         text = text if text is not None else default_prompt
         embeds, pooled = encode_text(text)
-    elif source is not None:
+
+    # read straight into the stored dtype (fp8 is quantized from the file's precision)
+    storage = STORAGE_DTYPES[dtype]
+    check_host_fits(transformer, storage, weights == "fp8", ["--dtype fp16 (half of fp32)"] * (storage == torch.float32),
+                    doing="to convert")
+    read_as = None if weights == "fp8" else storage
+    source = load_bundle(transformer, dtype=read_as) if Path(transformer).is_file() else None
+    network = source.transformer if source is not None else import_official_transformer(transformer, read_as)
+    if weights == "fp8":
+        from ..quant import is_fp8, to_fp8
+
+        if not is_fp8(network):
+            to_fp8(network, fp8_scale)
+    vae_module = import_vae(vae) if vae else source.vae if source is not None else None
+    if source is not None and prompt_embeds is None and encode_text is None:  # kept from the bundle
         embeds, pooled, text = source.prompt_embeds, source.prompt_pooled, source.defaults.prompt
 
     defaults = source.defaults if source is not None else PipelineDefaults(upscale=upscale)

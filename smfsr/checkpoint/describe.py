@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 from .defaults import PipelineDefaults
-from .peek import is_space_to_depth, read_bundle_info
+from .peek import foreign_kind, is_space_to_depth, read_bundle_info
 from .safe_read import Header, read_header
 
 
@@ -25,8 +25,8 @@ def describe(path: str | os.PathLike) -> str:
         return "\n".join(lines)
     metadata, header = read_header(path)
     if "smfsr_format" not in metadata:
-        kind = "a bare transformer state dict" if any(k.startswith("transformer_blocks.") for k in header) \
-            else "not an SMFSR bundle"
+        found = foreign_kind(header)
+        kind = f"not an SMFSR bundle: {found[0]} ({found[1]})" if found else "not an SMFSR bundle"
         return f"{path}: safetensors, {len(header)} tensors, {kind}"
     info = read_bundle_info(path)
     lines = [f"{path}: SMFSR bundle, format {metadata['smfsr_format']}, {path.stat().st_size / 2**20:.1f} MiB"]

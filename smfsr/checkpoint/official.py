@@ -12,15 +12,16 @@ import torch
 
 from ..errors import CheckpointError
 from .build import OPTIONAL_TRANSFORMER_KEYS, build_transformer, build_vae, check_state, expected_shapes, \
-    fill_transformer, load_into
+    filler, load_into
 from .bundle import Bundle, load_bundle, read_prompt_file, to_device
 from .defaults import SD35_VAE_SCALE, SD35_VAE_SHIFT, PipelineDefaults
 from .peek import find_weights, official_transformer_config, read_json, transformer_folder
 from .safe_read import load_tensors, read_header
 
 
-def import_official_transformer(folder: str | os.PathLike) -> torch.nn.Module:
-    """An official SMFSR (or DiT4SR teacher) ``transformer/`` folder: config.json + weights."""
+def import_official_transformer(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> torch.nn.Module:
+    """An official SMFSR (or DiT4SR teacher) ``transformer/`` folder: config.json + weights, cast to
+    ``dtype`` tensor by tensor as they are read (default: as stored)."""
     folder = transformer_folder(folder)
     weights = find_weights(folder)
     _, header = read_header(weights)
@@ -32,7 +33,7 @@ def import_official_transformer(folder: str | os.PathLike) -> torch.nn.Module:
 
     what = "official SMFSR transformer" if config["interval_embedding"] else "DiT4SR teacher transformer"
     check_state(expected_shapes(make), shapes, what=what, path=weights, optional=OPTIONAL_TRANSFORMER_KEYS)
-    return load_into(make, load_tensors(weights), fill_transformer)
+    return load_into(make, load_tensors(weights, dtype=dtype), filler(header))
 
 
 def infer_vae_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
@@ -110,12 +111,13 @@ def import_vae(path: str | os.PathLike) -> torch.nn.Module:
 
 def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
                dtype: torch.dtype | None = None) -> Bundle:
-    """Whatever a user points at: a bundle file, or an official folder (transformer/ [+ vae/])."""
+    """Whatever a user points at: a bundle file, or an official folder (transformer/ [+ vae/]),
+    ``dtype`` (default: as stored) given to the weights as they are read."""
     path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{path}: no such file or folder")
     if path.is_dir():
-        transformer = import_official_transformer(path)
+        transformer = import_official_transformer(path, dtype)
         vae = import_vae(path) if (path / "vae").is_dir() else None
         prompt = path / "prompt.safetensors"  # an optional precomputed prompt beside the official folders
         embeds, pooled = read_prompt_file(prompt) if prompt.exists() else (None, None)

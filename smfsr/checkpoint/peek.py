@@ -61,11 +61,8 @@ def read_bundle_info(path: str | os.PathLike) -> BundleInfo:
     path = Path(path)
     metadata, header = read_header(path)
     if not is_bundle(metadata):
-        hint = ""
-        if any(k.startswith("transformer_blocks.") for k in header):
-            hint = (" It looks like a bare transformer state dict (the official release's "
-                    "diffusion_pytorch_model.safetensors); pass the folder that holds transformer/config.json, "
-                    "or make a bundle with `smfsr convert`.")
+        found = foreign_kind(header)
+        hint = f" It is {found[0]}: {found[1]}." if found else ""
         raise CheckpointError(f"{path} is a safetensors file but not an SMFSR bundle (no smfsr metadata).{hint}")
     version = int(metadata["smfsr_format"])
     if version > FORMAT_VERSION:
@@ -75,6 +72,33 @@ def read_bundle_info(path: str | os.PathLike) -> BundleInfo:
         raise CheckpointError(f"{path}: bundle metadata lacks the transformer config; re-export the file")
     return BundleInfo(path, t_config, _meta_json(metadata, "smfsr_vae_config", path),
                       PipelineDefaults.from_dict(_meta_json(metadata, "smfsr_pipeline", path) or {}), header, metadata)
+
+
+def foreign_kind(header: dict[str, tuple]) -> tuple[str, str] | None:
+    """(what a non-SMFSR safetensors file is, where it goes instead), told from its tensor names:
+    the files an SD3.5 user has beside the SMFSR weights, which are easy to pick by mistake."""
+    def has(prefix: str) -> bool:
+        return any(k.startswith(prefix) for k in header)
+
+    download = "the SMFSR network is a separate download (`smfsr download smfsr_q`)"
+    if has("model.diffusion_model."):
+        what = ("an SD3.5 image-generation checkpoint (its MMDiT" if has("model.diffusion_model.joint_blocks.")
+                else "a Stable Diffusion checkpoint (its UNet")
+        if has("text_encoders."):
+            return (what + ", VAE and text encoders: Comfy-Org's all-in-one), not an SMFSR model",
+                    f"its VAE and text encoders serve as ${{vae_input}} and ${{encoders_input}}; {download}")
+        return what + " and VAE), not an SMFSR model", f"its VAE serves as ${{vae_input}}; {download}"
+    if has("first_stage_model.") or has("encoder.down_blocks.") or has("decoder.up."):
+        return "a VAE", f"it serves as ${{vae_input}}; {download}"
+    if has("text_model.") or has("text_encoders.") or has("encoder.block."):
+        return "a text encoder (CLIP or T5)", f"it serves as ${{encoders_input}}; {download}"
+    if has("transformer_blocks."):
+        if any("_control." in k for k in header):  # the LR branch of SMFSR and its DiT4SR teacher
+            return ("a bare SMFSR transformer state dict (the official release's diffusion_pytorch_model.safetensors)",
+                    "pass the folder that holds transformer/config.json, or make a bundle with `smfsr convert`")
+        return ("a diffusers SD3 transformer without SMFSR's LR branch (SD3.5's own MMDiT, an image generator)",
+                "SMFSR needs its own network: `smfsr download smfsr_q`")
+    return None
 
 
 def read_json(path: Path) -> dict[str, Any]:

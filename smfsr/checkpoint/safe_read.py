@@ -113,12 +113,24 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], Header]:
     return {str(k): str(v) for k, v in metadata.items()}, shapes
 
 
-def load_tensors(path: str | os.PathLike, device: str = "cpu", prefix: str | None = None):
+def load_tensors(path: str | os.PathLike, device: str = "cpu", prefix: str | None = None, dtype=None):
     """The tensors of a safetensors file (after :func:`read_header` has vetted it); with ``prefix``
-    only those whose names start with it, the prefix removed (one part of a large checkpoint)."""
+    only those whose names start with it, the prefix removed (one part of a large checkpoint).
+
+    With ``dtype``, floating tensors (fp8 aside: those are quantized data) are cast to it as each
+    one is read, so a model loads straight into its compute dtype: the peak is the cast network
+    plus one tensor, not the file beside it (an fp16 SD3.5-sized transformer loaded for fp32: 10.2
+    GiB, not 15.3)."""
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if dtype is not None:
+        _, header = read_header(path)
+        names = [k for k in header if prefix is None or k.startswith(prefix)]
+        start = len(prefix or "")
+        return {name[start:]: (t.to(device=device, dtype=dtype) if t.is_floating_point() and t.element_size() > 1
+                               else t.to(device))
+                for name, t in read_tensors(path, names)}
     if prefix is None:
         return load_file(str(path), device=device)
     with safe_open(str(path), framework="pt", device=device) as f:

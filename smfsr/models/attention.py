@@ -70,4 +70,6 @@ class LRJointAttention(Attention):
         image = torch.cat([out_x, out_c], dim=1)
         if encoder_hidden_states is None:
             return image, None
-        return image, (self.to_add_out(out_text) if self.to_add_out is not None else out_text)
+        # diffusers < 0.32 leaves to_add_out undefined (not None) for a context-pre-only block
+        to_add_out = getattr(self, "to_add_out", None)
+        return image, (to_add_out(out_text) if to_add_out is not None else out_text)
