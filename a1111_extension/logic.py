@@ -9,7 +9,8 @@ from pathlib import Path
 
 from smfsr.checkpoint.catalog import ModelEntry, find_models
 from smfsr.checkpoint.default_model import REPO_MODELS
-from smfsr.options import COLOR_FIXES, UpscaleOptions
+from smfsr.options import (BLOCK_SWAP, COLOR_FIX_CHOICES, DTYPE_CHOICES, LATENT_TILE, LATENT_TILE_OVERLAP, STEPS,
+                           VAE_TILE, Range, UpscaleOptions)
 from smfsr.runtime import WEIGHTS, Runtime
 
 SECTION = ("upscaling", "Upscaling")
@@ -25,25 +26,29 @@ class Setting:
     args: dict
 
 
-# 0 / "auto" everywhere means what the chosen model stores, as in every other door.
+def slider(r: Range) -> dict:
+    return {"minimum": r.minimum, "maximum": r.maximum, "step": r.step}
+
+
+# 0 / "auto" everywhere means what the chosen model stores, as in every other door; the ranges and
+# lists are the core's (smfsr.options), as every door offers them.
 SETTINGS = [
-    Setting("smfsr_steps", 0, "SMFSR steps (0 = the model's default, one step)", "slider",
-            {"minimum": 0, "maximum": 8, "step": 1}),
+    Setting("smfsr_steps", 0, "SMFSR steps (0 = the model's default, one step)", "slider", slider(STEPS)),
     # 0, as in every other door: the same input gives the same image each time
     Setting("smfsr_seed", 0, "SMFSR seed (-1 = random each time)", "number", {"precision": 0}),
     Setting("smfsr_tile", 0, "SMFSR latent tile size (latent px; 0 = the model's default)", "slider",
-            {"minimum": 0, "maximum": 256, "step": 4}),
-    Setting("smfsr_tile_overlap", 0, "SMFSR latent tile overlap (0 = the model's, in proportion to the tile)", "slider",
-            {"minimum": 0, "maximum": 128, "step": 2}),
+            slider(LATENT_TILE)),
+    Setting("smfsr_tile_overlap", 0, "SMFSR latent tile overlap (0 = the model's, in proportion to the tile)",
+            "slider", slider(LATENT_TILE_OVERLAP)),
     Setting("smfsr_vae_tile", 0, "SMFSR VAE tile (latent px; 0 = automatic, from free memory)", "slider",
-            {"minimum": 0, "maximum": 512, "step": 8}),
+            slider(VAE_TILE)),
     Setting("smfsr_color_fix", "auto", "SMFSR colour fix (auto = the model's default)", "radio",
-            {"choices": ["auto", *COLOR_FIXES]}),
-    Setting("smfsr_dtype", "auto", "SMFSR precision", "radio", {"choices": ["auto", "bf16", "fp16", "fp32"]}),
+            {"choices": list(COLOR_FIX_CHOICES)}),
+    Setting("smfsr_dtype", "auto", "SMFSR precision", "radio", {"choices": list(DTYPE_CHOICES)}),
     Setting("smfsr_weights", "auto", "SMFSR weights (fp8_e4m3fn: the transformer blocks in fp8, half of bf16's "
             "memory)", "radio", {"choices": list(WEIGHTS)}),
     Setting("smfsr_block_swap", 0, "SMFSR block swap (transformer blocks streamed from system memory; -1 = from free "
-            "VRAM; --lowvram/--medvram turn it on)", "slider", {"minimum": -1, "maximum": 64, "step": 1}),
+            "VRAM; --lowvram/--medvram turn it on)", "slider", slider(BLOCK_SWAP)),
 ]
 DEFAULTS = {s.key: s.default for s in SETTINGS}
 

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from smfsr.errors import SMFSRError
+
 LOGVAR_KEY = "smfsr_logvar"
 
 
 def image_to_core(image: torch.Tensor) -> torch.Tensor:
     if image.ndim != 4 or image.shape[-1] not in (1, 3, 4):
-        raise ValueError(f"expected an IMAGE of shape (B, H, W, C), got {tuple(image.shape)}")
+        raise SMFSRError(f"expected an IMAGE of shape (B, H, W, C), got {tuple(image.shape)}")
     x = image[..., :3] if image.shape[-1] >= 3 else image.expand(*image.shape[:-1], 3)
     return x.movedim(-1, 1).float().clamp(0, 1)
 
@@ -57,9 +59,9 @@ def moments_of(latent: dict, defaults=None, config=None) -> tuple[torch.Tensor, 
 def text_from_conditioning(conditioning) -> tuple[torch.Tensor, torch.Tensor]:
     """SD3 CONDITIONING ([[embeds (B, L, 4096), {"pooled_output": (B, 2048)}]]) -> (embeds, pooled)."""
     if not conditioning:
-        raise ValueError("empty CONDITIONING")
+        raise SMFSRError("empty CONDITIONING")
     embeds, extra = conditioning[0][0], conditioning[0][1]
     pooled = extra.get("pooled_output")
     if pooled is None:
-        raise ValueError("the CONDITIONING has no pooled output: use an SD3 text encoder (CLIPTextEncode with an SD3 CLIP)")
+        raise SMFSRError("the CONDITIONING has no pooled output: use an SD3 text encoder (CLIPTextEncode with an SD3 CLIP)")
     return embeds, pooled

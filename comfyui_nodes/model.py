@@ -5,7 +5,7 @@ Only imported inside ComfyUI (it imports ``folder_paths`` and ``comfy``)."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import comfy.model_management as mm
@@ -16,10 +16,10 @@ import torch
 from smfsr.checkpoint import Bundle
 from smfsr.checkpoint.official import LDM_VAE_PREFIXES
 from smfsr.checkpoint.safe_read import load_tensors, read_header
-from smfsr.errors import CheckpointError
+from smfsr.errors import CheckpointError, SMFSRError
 from smfsr.checkpoint.default_model import DEFAULT, REPO_MODELS, SHIPPED, shipped
 from smfsr.pipeline import SMFSRUpscaler, load_prepared
-from smfsr.runtime import Runtime
+from smfsr.runtime import FirstCallTimer, Runtime
 
 FOLDER = "smfsr"
 EXTENSIONS = {".safetensors", ".sft"}
@@ -102,6 +102,18 @@ class SMFSRModel:
     bundle: Bundle
     patchers: list
     name: str
+    compiled: bool = False
+    # one upscaler per VAE it runs with, kept with the model: its warm-up timings (estimate.py) and
+    # torch.compile's first-call timer last as long as the loaded model, not one run
+    upscalers: dict = field(default_factory=dict, repr=False)
+
+    def _upscaler(self, vae_module, sampling_only: bool = False) -> SMFSRUpscaler:
+        key = ("sampling", None) if sampling_only else ("vae", id(vae_module))  # the entry keeps the module alive
+        if key not in self.upscalers:
+            up = SMFSRUpscaler(self.bundle, vae=vae_module, sampling_only=sampling_only)
+            up.compiled, up.first_call = self.compiled, FirstCallTimer(self.compiled)
+            self.upscalers[key] = up
+        return self.upscalers[key]
 
     @property
     def defaults(self):
@@ -111,15 +123,15 @@ class SMFSRModel:
         """This model on its device, with a core VAE (its ldm ``first_stage_model``) or its own."""
         mm.load_models_gpu(self.patchers + ([vae.patcher] if vae is not None else []))
         if vae is None and self.bundle.vae is None:
-            raise ValueError(f"the SMFSR model {self.name} has no VAE of its own: connect the VAE from your "
+            raise SMFSRError(f"the SMFSR model {self.name} has no VAE of its own: connect the VAE from your "
                              "SD3.5 checkpoint loader (or Load VAE) to the node's vae input; `smfsr download "
                              "sd35-medium-vae --for comfyui` puts SD3.5's VAE in models/vae")
-        return SMFSRUpscaler(self.bundle, vae=vae.first_stage_model if vae is not None else None)
+        return self._upscaler(vae.first_stage_model if vae is not None else None)
 
     def sampler(self) -> SMFSRUpscaler:
         """For sampling only: needs the latent scale/shift, not a VAE."""
         mm.load_models_gpu(self.patchers)
-        return SMFSRUpscaler(self.bundle, sampling_only=True)
+        return self._upscaler(None, sampling_only=True)
 
     def vae_module(self):
         """The bundle's own VAE, on its device, or None."""
@@ -152,4 +164,4 @@ def load(name: str, dtype: str, weights: str = "auto", block_swap: int = 0, comp
     if bundle.vae is not None and any(True for _ in bundle.vae.parameters()):  # not the lossless codec
         patchers.append(comfy.model_patcher.ModelPatcher(Managed(bundle.vae), load_device=device,
                                                          offload_device=mm.vae_offload_device()))
-    return SMFSRModel(bundle, patchers, name)
+    return SMFSRModel(bundle, patchers, name, compiled=runtime.compile)

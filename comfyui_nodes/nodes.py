@@ -17,7 +17,8 @@ from comfy_api.latest import io
 
 from smfsr.checkpoint import PipelineDefaults
 from smfsr.errors import SMFSRError, door_message
-from smfsr.options import COLOR_FIXES, UpscaleOptions
+from smfsr.options import (BLOCK_SWAP, COLOR_FIX_CHOICES, DTYPE_CHOICES, LATENT_TILE, LATENT_TILE_OVERLAP,
+                           MAX_SEED, SCALE, STEPS, VAE_TILE, UpscaleOptions)
 from smfsr.runtime import WEIGHTS
 from smfsr.pipeline import LRLatent, decode_latent, finish
 
@@ -35,8 +36,6 @@ WIDGETS = {"steps": "the steps widget", "latent_tile": "the latent_tile widget",
            "vae_input": "the VAE (SMFSR VAE from Checkpoint, from models/checkpoints)",
            "encoders_input": "the CLIP (TripleCLIPLoader from models/text_encoders, or SMFSR CLIP from Checkpoint)"}
 SMFSRModelType = io.Custom("SMFSR_MODEL")
-MAX_SEED = 0xFFFFFFFFFFFFFFFF
-MAX_STEPS = 50  # a flow teacher takes many Euler steps; a one-step model refuses more than 1, saying why
 AUTO = "auto"
 
 
@@ -60,7 +59,7 @@ def model_input(optional: bool = False, tooltip: str = "From SMFSR Model Loader.
 
 
 def scale_input() -> io.Input:
-    return io.Float.Input("scale", default=0.0, min=0.0, max=16.0, step=0.25,
+    return io.Float.Input("scale", default=0.0, min=SCALE.minimum, max=SCALE.maximum, step=SCALE.step,
                           tooltip="Output size / input size; 0 = the model's factor (x4).")
 
 
@@ -71,25 +70,26 @@ def seed_input() -> io.Input:
 
 def sampling_inputs() -> list[io.Input]:
     return [
-        io.Int.Input("steps", default=0, min=0, max=MAX_STEPS,
+        io.Int.Input("steps", default=0, min=STEPS.minimum, max=STEPS.maximum,
                      tooltip="Mean-flow steps; 0 = the model's default. One-step models (the shipped small models, "
                              "the official SMFSR weights) take exactly 1: more is refused with the reason."),
-        io.Int.Input("latent_tile", default=0, min=0, max=512, step=2,
+        io.Int.Input("latent_tile", default=0, min=LATENT_TILE.minimum, max=LATENT_TILE.maximum, step=LATENT_TILE.step,
                      tooltip="The network's tile, in latent cells (1 cell = 8 px for SD3.5's VAE, 4 px for the "
                              "small models); a multiple of the model's patch size. 0 = the model's default."),
-        io.Int.Input("latent_tile_overlap", default=0, min=0, max=256, step=2,
+        io.Int.Input("latent_tile_overlap", default=0, min=LATENT_TILE_OVERLAP.minimum,
+                     max=LATENT_TILE_OVERLAP.maximum, step=LATENT_TILE_OVERLAP.step,
                      tooltip="Overlap between network tiles, in latent cells (Gaussian-blended); 0 = the model's, "
                              "in proportion to the tile."),
     ]
 
 
 def color_fix_input() -> io.Input:
-    return io.Combo.Input("color_fix", options=[AUTO, *COLOR_FIXES], default=AUTO,
+    return io.Combo.Input("color_fix", options=list(COLOR_FIX_CHOICES), default=AUTO,
                           tooltip="Colour toward the input: adain (mean/std), wavelet (low band) or none; auto = the model's.")
 
 
 def vae_tile_input() -> io.Input:
-    return io.Int.Input("vae_tile", default=0, min=0, max=1024, step=8,
+    return io.Int.Input("vae_tile", default=0, min=VAE_TILE.minimum, max=VAE_TILE.maximum, step=VAE_TILE.step,
                         tooltip="The VAE's tile, in latent cells (decoding: that many latent cells; encoding: the "
                                 "same area in image px); tiled equals untiled, memory follows the tile. "
                                 "0 = automatic: images over 1 MP are tiled, with a size from free memory.")
@@ -119,12 +119,12 @@ class SMFSRModelLoader(io.ComfyNode):
                 io.Combo.Input("model_name", options=models.model_names(), default=models.default_name(),
                                tooltip="A bundle from models/smfsr (make one with `smfsr convert`) or an official "
                                        "folder; the shipped small models are listed too (default: smfsr-small-x4)."),
-                io.Combo.Input("dtype", options=["auto", "bf16", "fp16", "fp32"], default="auto",
+                io.Combo.Input("dtype", options=list(DTYPE_CHOICES), default="auto",
                                tooltip="Compute precision: auto = bf16/fp16 on GPU, fp32 on CPU."),
                 io.Combo.Input("weights", options=list(WEIGHTS), default="auto",
                                tooltip="fp8_e4m3fn: the transformer blocks in fp8 (half of bf16's memory; an fp8 "
                                        "bundle is always fp8). auto: as stored."),
-                io.Int.Input("block_swap", default=0, min=-1, max=64,
+                io.Int.Input("block_swap", default=0, min=BLOCK_SWAP.minimum, max=BLOCK_SWAP.maximum,
                              tooltip="Transformer blocks kept in system memory and streamed to the GPU as they run "
                                      "(same pixels, less VRAM). -1 = as many as free VRAM needs; --lowvram/--novram "
                                      "turn it on by themselves."),
@@ -237,7 +237,7 @@ class SMFSRLREncode(io.ComfyNode):
     def execute(cls, image, smfsr_model, vae_tile: int, vae=None) -> io.NodeOutput:
         try:
             lr = smfsr_model.upscaler_for(vae).encode(image_to_core(image), UpscaleOptions.from_widgets(vae_tile=vae_tile))
-        except (SMFSRError, ValueError) as e:
+        except SMFSRError as e:
             raise user_error(e) from None
         return io.NodeOutput(lr_latent(lr.mean, lr.logvar), image_from_core(lr.control))
 
@@ -273,7 +273,7 @@ class SMFSRSampler(io.ComfyNode):
                                                   tile_overlap=latent_tile_overlap)
             latent = smfsr_model.sampler().sample(LRLatent(mean, logvar), options, prompt_embeds=embeds,
                                                   prompt_pooled=pooled, progress=progress_bar())
-        except (SMFSRError, ValueError) as e:
+        except SMFSRError as e:
             raise user_error(e) from None
         return io.NodeOutput({"samples": latent.float().cpu()})
 
@@ -308,10 +308,10 @@ class SMFSRTiledVAEDecode(io.ComfyNode):
             else:
                 module = smfsr_model.vae_module() if smfsr_model is not None else None
                 if module is None:
-                    raise ValueError("connect a VAE, or an SMFSR model that contains its own VAE")
+                    raise SMFSRError("connect a VAE, or an SMFSR model that contains its own VAE")
             tiling = UpscaleOptions.from_widgets(vae_tile=vae_tile).vae_tiling
             image = decode_latent(module, samples["samples"], tiling)
-        except (SMFSRError, ValueError) as e:
+        except SMFSRError as e:
             raise user_error(e) from None
         return io.NodeOutput(image_from_core(image))
 
@@ -378,7 +378,7 @@ class SMFSRUpscale(io.ComfyNode):
             upscaler = smfsr_model.upscaler_for(vae)
             announce(upscaler, image, options)
             out = upscaler.upscale_tensor(image_to_core(image), options, progress=progress_bar())
-        except (SMFSRError, ValueError) as e:
+        except SMFSRError as e:
             raise user_error(e) from None
         return io.NodeOutput(image_from_core(out))
 

@@ -22,9 +22,10 @@ from pathlib import Path
 from .checkpoint.catalog import ModelEntry, find_models
 from .checkpoint.default_model import REPO_MODELS
 from .errors import SMFSRError, door_message
+from .options import COLOR_FIX_CHOICES, LATENT_TILE, SCALE, STEPS
 
 LOOPBACK = "127.0.0.1"
-MAX_STEPS_OFFERED = 8  # the steps slider's end for models that take any number
+
 log = logging.getLogger("smfsr")
 # how an option the core names is called on the page, for messages (errors.door_message)
 PAGE_NAMES = {"steps": "the Steps slider", "latent_tile": "the Latent tile slider", "scale": "the Scale slider",
@@ -155,10 +156,10 @@ def run_safely(models: Models, *inputs, progress) -> tuple:
 
 def slider_limits(entry: ModelEntry) -> tuple[dict, dict]:
     """(steps, tile) slider settings for a model: steps up to what it takes, tiles in its patch size."""
-    top = entry.max_steps or MAX_STEPS_OFFERED
+    top = entry.max_steps or STEPS.maximum
     steps = dict(minimum=0, maximum=top, step=1,
                  label="Steps (0 = the model's default)" + (" - this model takes one step only" if top == 1 else ""))
-    tile = dict(minimum=0, maximum=256 // entry.patch * entry.patch, step=entry.patch,
+    tile = dict(minimum=0, maximum=LATENT_TILE.maximum // entry.patch * entry.patch, step=entry.patch,
                 label=f"Latent tile (latent px, multiples of {entry.patch}; 0 = the model's default)")
     return steps, tile
 
@@ -173,14 +174,14 @@ def build(models: Models):
             with gr.Column(scale=1):
                 files = gr.File(label="Images", file_count="multiple", file_types=["image"], elem_id="smfsr-input")
                 model = gr.Dropdown(models.names(), value=first.name, label="Model")
-                scale = gr.Slider(1, 8, value=first.factor, step=0.5, label="Scale")
+                scale = gr.Slider(SCALE.step, SCALE.maximum, value=first.factor, step=SCALE.step, label="Scale")
                 with gr.Row():
                     seed = gr.Number(0, precision=0, label="Seed", minimum=0)
                     dice = gr.Button("Random seed", scale=0, min_width=90, elem_id="smfsr-dice")
                 steps_limits, tile_limits = slider_limits(first)
                 steps = gr.Slider(value=0, **steps_limits)
                 tile = gr.Slider(value=0, **tile_limits)
-                color = gr.Radio(["auto", "adain", "wavelet", "none"], value="auto",
+                color = gr.Radio(list(COLOR_FIX_CHOICES), value="auto",
                                  label="Colour fix (auto = the model's default)")
                 with gr.Row():
                     run = gr.Button("Upscale", variant="primary", elem_id="smfsr-run")

@@ -7,6 +7,7 @@ import argparse
 import sys
 
 from . import __version__
+from .options import COLOR_FIXES, DTYPE_CHOICES
 
 EXIT_ERROR = 2
 WEIGHT_CHOICES = ["auto", "fp8_e4m3fn", "fp8"]  # runtime.WEIGHTS and its short name (not imported: torch)
@@ -85,13 +86,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="latent tile in latent px, 0 = the whole latent at once (default: the model's)")
     up.add_argument("--tile-overlap", type=_number(int, "--tile-overlap", 0, inclusive=True),
                     help="latent tile overlap in latent px (default: the model's, in proportion to the tile)")
-    up.add_argument("--color-fix", choices=["adain", "wavelet", "none"], help="colour correction (default: the model's)")
+    up.add_argument("--color-fix", choices=COLOR_FIXES, help="colour correction (default: the model's)")
     up.add_argument("--vae-tile", default="auto",
                     help="VAE tile in latent px (the encoder takes the same area in image px); tiled equals "
                          "untiled, memory is set by the tile. 'auto' tiles images over 1 MP with a size from free "
                          "memory; 'off' never tiles (default auto)")
     up.add_argument("--device", type=_device, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    up.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto",
+    up.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto",
                     help="auto: bf16/fp16 on GPU, fp32 on CPU")
     up.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto",
                     help="fp8_e4m3fn (or fp8): quantise the transformer blocks to fp8 on load (half of bf16's "
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
     app.add_argument("--host", default="127.0.0.1", help="address to serve on (default loopback; others expose the app)")
     app.add_argument("--port", type=int, help="port (default: gradio's, 7860 or the next free one)")
     app.add_argument("--device", type=_device, help="cpu, cuda, ... (default: cuda if available)")
-    app.add_argument("--dtype", choices=["auto", "fp32", "bf16", "fp16"], default="auto")
+    app.add_argument("--dtype", choices=DTYPE_CHOICES, default="auto")
     app.add_argument("--weights", choices=WEIGHT_CHOICES, default="auto", help="as for upscale")
     app.add_argument("--block-swap", default="0", type=_block_swap, help="as for upscale")
     app.set_defaults(command="app")

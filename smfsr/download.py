@@ -176,8 +176,43 @@ def hub_error(e: Exception, source: Source, endpoint: str) -> SMFSRError:
         return SMFSRError(f"a file of {source.name} is gone from {source.repo} ({e}); try again, or report it")
     if isinstance(e, HfHubHTTPError):
         return SMFSRError(f"the hub answered {_status(e)} for {source.repo}: {str(e).splitlines()[0]}")
+    if not network_failure(e):
+        return None  # a bug or a version mismatch, not the network: passed on as it is, with its traceback
     return SMFSRError(f"cannot reach the hub at {endpoint} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''});"
                       " check the network (and HF_ENDPOINT), then run this again")
+
+
+# the connection's failures in the HTTP clients huggingface_hub has used (httpx, its fork httpx2,
+# requests), by class name: which of them is installed varies with its version
+NETWORK_ERRORS = {"TransportError", "RequestException", "ConnectionError", "TimeoutException", "Timeout"}
+
+
+def network_failure(e: BaseException) -> bool:
+    """A failure of the connection (refused, reset, timed out, DNS, TLS), as the socket or an HTTP
+    client reports it, or anything raised while handling one."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) or NETWORK_ERRORS & {k.__name__ for k in type(e).__mro__}:
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+HUB_FLOOR = (1, 0)  # fetch_file streams with huggingface_hub's httpx session (get_session().stream), from 1.0
+
+
+def check_hub() -> None:
+    """Refuse, before anything is fetched, a huggingface_hub older than the API used here."""
+    import importlib.metadata
+
+    from .stack import release
+
+    version = importlib.metadata.version("huggingface_hub")
+    if release(version) < HUB_FLOOR:
+        raise SMFSRError(f"smfsr download needs huggingface_hub >= {'.'.join(map(str, HUB_FLOOR))}, and this Python "
+                         f"has {version}: run it from SMFSR's own environment (`pip install -e .` in a fresh venv), "
+                         "not a web UI's, whose packages pin the older one")
 
 
 def _status(e) -> int | None:
@@ -201,8 +236,11 @@ def listing(source: Source, revision: str | None, endpoint: str) -> tuple[str, l
     try:
         info = HfApi(endpoint=endpoint).model_info(source.repo, revision=revision, files_metadata=True,
                                                    timeout=TIMEOUT)
-    except Exception as e:  # every failure of the hub or the network, told apart by hub_error
-        raise hub_error(e, source, endpoint) from None
+    except Exception as e:  # the hub's and the network's failures, told apart by hub_error; others pass
+        error = hub_error(e, source, endpoint)
+        if error is None:
+            raise
+        raise error from None
     files = []
     for s in info.siblings or []:
         if any(fnmatch.fnmatch(s.rfilename, p) for p in source.patterns):
@@ -233,6 +271,7 @@ def fetch(source: Source, layout: Layout, *, revision: str | None = None, endpoi
     say = say or (lambda message: print(message, file=sys.stderr))
     if offline():
         raise offline_error()
+    check_hub()
     endpoint = (endpoint or os.environ.get("HF_ENDPOINT") or HUB).rstrip("/")
     commit, files = listing(source, revision, endpoint)
     files = [f for f in files if layout.wants(source, f.path)]
@@ -270,9 +309,12 @@ def fetch(source: Source, layout: Layout, *, revision: str | None = None, endpoi
             except SMFSRError:
                 raise
             except Exception as e:
+                error = hub_error(e, source, endpoint)
+                if error is None:
+                    raise
                 have = partial.stat().st_size if partial.exists() else 0
                 if not have:
-                    raise hub_error(e, source, endpoint) from None
+                    raise error from None
                 raise SMFSRError(f"the download of {f.path} stopped after {size_text(have)} of {size_text(f.size)} "
                                  f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no reason given'}); "
                                  "run this again: it continues from there") from None

@@ -122,19 +122,23 @@ class Estimator:
 
 
 def _time_of(run, device: torch.device) -> float:
-    """The time of one ``run()``: a slow first call is taken as it is; a fast one (milliseconds, so
-    noisy) is repeated for about WARMUP_SECONDS and the median kept, the first (set-up) call dropped."""
-    times = []
-    while True:
+    """The time of one ``run()``, never taken from a first call: that one sets up (allocations, CUDA
+    kernels and their autotuning, block swap's first transfers) and can be many times slower. After
+    it, a slow call (over 1 s) is timed once; fast ones (milliseconds, so noisy) are repeated for
+    about WARMUP_SECONDS and the median kept."""
+    def timed_call() -> float:
         start = time.perf_counter()
         run()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-        if times[0] > 1.0 or len(times) >= 25 or sum(times[1:]) > WARMUP_SECONDS:
-            break
-    timed = sorted(times[1:] or times)
-    return timed[len(timed) // 2]
+        return time.perf_counter() - start
+
+    timed_call()  # the first call, untimed
+    times = [timed_call()]
+    while times[0] <= 1.0 and len(times) < 25 and sum(times) <= WARMUP_SECONDS:
+        times.append(timed_call())
+    times.sort()
+    return times[len(times) // 2]
 
 
 def announcement(upscaler, height: int, width: int, settings) -> str | None:
@@ -142,6 +146,10 @@ def announcement(upscaler, height: int, width: int, settings) -> str | None:
     plan = plan_job(upscaler, height, width, settings)
     if plan.output_pixels < ESTIMATE_FROM_PIXELS:
         return None
+    if getattr(upscaler, "compiled", False):
+        # a warm-up would compile its own tile shape, and the job's first call compiles the job's:
+        # no time measured now says what the job will take
+        return plan.describe() + f" on {upscaler.device.type}: compiling (torch.compile), no estimate"
     seconds = upscaler.estimator.seconds(plan)
     if seconds < ANNOUNCE_SECONDS and plan.output_pixels < ANNOUNCE_PIXELS:
         return None

@@ -18,6 +18,28 @@ MAX_SCALE = 16.0
 
 
 @dataclass(frozen=True)
+class Range:
+    """A numeric setting's range as every door offers it (0 means the model's default)."""
+
+    minimum: float
+    maximum: float
+    step: float
+
+
+# What the doors offer, defined once: ComfyUI's widgets, A1111's settings, the app's sliders and
+# the CLI's choices render these (tests/test_widgets.py compares them).
+STEPS = Range(0, 50, 1)  # a flow teacher takes many Euler steps; a one-step model refuses more than 1, saying why
+LATENT_TILE = Range(0, 512, 2)  # latent cells, a multiple of the model's patch size
+LATENT_TILE_OVERLAP = Range(0, 256, 2)
+VAE_TILE = Range(0, 1024, 8)  # latent cells; 0 = automatic
+SCALE = Range(0, MAX_SCALE, 0.25)  # 0 = the model's factor
+BLOCK_SWAP = Range(-1, 64, 1)  # -1 = from free VRAM
+MAX_SEED = 2**64 - 1
+DTYPE_CHOICES = ("auto", "bf16", "fp16", "fp32")
+COLOR_FIX_CHOICES = ("auto", *COLOR_FIXES)
+
+
+@dataclass(frozen=True)
 class VAETiling:
     """How the VAE is tiled (always exactly: tiled == untiled, tiling/vae.py). ``tile`` is the
     decoder's tile core in latent px; the encoder's is the same area in image px (x the codec's own

@@ -91,7 +91,25 @@ def output_size(height: int, width: int, scale: float) -> tuple[int, int]:
 
 def decode_latent(vae: torch.nn.Module, latent: torch.Tensor, tiling: VAETiling | None) -> torch.Tensor:
     """Stage 3 for any VAE (diffusers or ldm-named): raw latents -> images in [0, 1]."""
-    return LatentCodec.raw(vae).decode_raw(latent, tiling)
+    return check_finite(LatentCodec.raw(vae).decode_raw(latent, tiling), "decoded image", vae_dtype(vae))
+
+
+def vae_dtype(vae: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in vae.parameters() if p.is_floating_point()), torch.float32)
+
+
+def check_finite(x: torch.Tensor, what: str, dtype: torch.dtype) -> torch.Tensor:
+    """``x``, or a clear error when it holds NaN or inf: the overflow of a half-precision run (fp16
+    on a GPU without bf16, where it is the default) would otherwise be saved as a black or garbage
+    image."""
+    bad = int((~torch.isfinite(x)).sum())
+    if bad:
+        fix = ("set ${dtype} to bf16 (where the GPU has it) or fp32" if dtype == torch.float16
+               else "set ${dtype} to fp32" if dtype != torch.float32
+               else "the model file may be damaged: check it with `smfsr info`, or download or export it again")
+        raise SMFSRError(f"the {what} holds {bad} NaN or inf values of {x.numel()} (computed in "
+                         f"{str(dtype).removeprefix('torch.')}, whose range it overflowed): {fix}")
+    return x
 
 
 def finish(decoded: torch.Tensor, reference: torch.Tensor, scale: float, method: str) -> torch.Tensor:
@@ -135,6 +153,7 @@ class SMFSRUpscaler:
                 "(SD3.5's 16-channel VAE for the official SMFSR weights)"
             )
         self.prompt_embeds, self.prompt_pooled = bundle.prompt_embeds, bundle.prompt_pooled
+        self.compiled = False  # torch.compile on: the first call of each tile shape compiles
         self.first_call = FirstCallTimer(False)
         self.estimator = Estimator(self)
 
@@ -151,6 +170,7 @@ class SMFSRUpscaler:
         weights on the CPU for a host whose memory manager moves them (ComfyUI)."""
         runtime = (runtime or Runtime(device, dtype, weights, block_swap, compile)).resolved()
         upscaler = cls(load_prepared(path, runtime, vae=vae, prompt=prompt, place=place))
+        upscaler.compiled = runtime.compile
         upscaler.first_call = FirstCallTimer(runtime.compile)
         return upscaler
 
@@ -239,7 +259,7 @@ class SMFSRUpscaler:
         while True:  # on out-of-memory, halve the latent tile and try again (down to MIN_LATENT_TILE)
             try:
                 z = self._steps(lr_latent, noise, settings, embeds, pooled, progress)
-                return self.latent_scale.denormalize(z.float())
+                return check_finite(self.latent_scale.denormalize(z.float()), "sampled latent", self.dtype)
             except OutOfMemoryError:
                 current = settings.tile or max(lh, lw)
                 if current // 2 < MIN_LATENT_TILE:
@@ -285,7 +305,9 @@ class SMFSRUpscaler:
     # ---------------------------------------------------------------------------------------- stages 3, 4
     def decode(self, latent: torch.Tensor, settings: Settings | UpscaleOptions | None = None) -> torch.Tensor:
         """Raw HR latent -> the image at the working size, (B, 3, H, W) in [0, 1]."""
-        return self._codec().decode_raw(latent, self.settings(settings).vae_tiling)
+        codec = self._codec()
+        return check_finite(codec.decode_raw(latent, self.settings(settings).vae_tiling), "decoded image",
+                            vae_dtype(codec.vae))
 
     def finish(self, decoded: torch.Tensor, images: torch.Tensor,
                settings: Settings | UpscaleOptions | None = None) -> torch.Tensor:
@@ -346,7 +368,7 @@ def load_prepared(path: str | os.PathLike | None, runtime: Runtime, *, vae: str 
         from .checkpoint import import_vae
 
         bundle.vae = import_vae(vae)
-        bundle.defaults.use_vae(bundle.vae)
+        bundle.defaults.use_vae(bundle.vae, same_latent_space=True)
     if prompt is not None:
         from .checkpoint import read_prompt_file
 

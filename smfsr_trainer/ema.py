@@ -53,7 +53,3 @@ class EMA:
                              "saved with other settings (trainable, lora_*); resume with the settings that wrote it")
         self.shadow = {k: _like(values[k], p) for k, p in params.items()}
 
-    def copy_to(self, model: torch.nn.Module) -> None:
-        """Write the average into ``model`` (an unsharded network of the same layout)."""
-        state = model.state_dict()
-        model.load_state_dict({k: v.to(state[k].dtype) for k, v in self.full().items()}, strict=False)

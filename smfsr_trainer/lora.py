@@ -64,10 +64,6 @@ def add_lora(model: torch.nn.Module, spec: LoraSpec, seed: int = 0, also_train: 
     return model
 
 
-def has_lora(model: torch.nn.Module) -> bool:
-    return any("lora_" in name for name, _ in model.named_parameters())
-
-
 @contextlib.contextmanager
 def adapters_disabled(model: torch.nn.Module):
     """The model without its adapters inside the block: the frozen base network (the VSD real score
@@ -109,6 +105,3 @@ def adapter_state(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     the layout diffusers' and ComfyUI's LoRA loaders read."""
     return {k.replace(f".{ADAPTER}.", "."): v for k, v in state.items() if ".lora_" in k}
 
-
-def merged_state_dict(model: torch.nn.Module, scaling: float) -> dict[str, torch.Tensor]:
-    return merge_lora({k: v.detach() for k, v in model.state_dict().items()}, scaling)

@@ -93,9 +93,14 @@ def select_trainable(model: torch.nn.Module, config: TrainConfig, new_layers: tu
     ``lora_targets``) plus ``new_layers`` in full."""
     if config.trainable == "lora":
         add_lora(model, lora_spec(config), seed=config.seed, also_train=new_layers)
-        return
+    else:
+        for name, p in model.named_parameters():
+            p.requires_grad_(config.trainable == "all" or "control" in name or "interval_embedder" in name)
+    # what the forward never runs gets no gradient: frozen, or DDP stops at the second step
+    unused = tuple(f"{m}." for m in getattr(model, "unused_modules", list)())
     for name, p in model.named_parameters():
-        p.requires_grad_(config.trainable == "all" or "control" in name or "interval_embedder" in name)
+        if name.startswith(unused):
+            p.requires_grad_(False)
 
 
 def weight_dtype(config: TrainConfig) -> torch.dtype:

@@ -137,12 +137,24 @@ def prepare_players(stage: Stage, config: TrainConfig, nets: Networks, accelerat
     return [Player(name, models[name], optimizer, scheduler, losses[name]) for name, optimizer, scheduler in parts]
 
 
-def mean_over_processes(accelerator: Accelerator, values: dict[str, float]) -> dict[str, float]:
-    """Each value averaged over all processes (every process logs at the same steps)."""
-    if accelerator.num_processes == 1 or not values:
-        return values
-    local = torch.tensor([float(v) for v in values.values()], device=accelerator.device)
-    return dict(zip(values, accelerator.reduce(local, reduction="mean").tolist()))
+def mean_over_processes(accelerator: Accelerator, values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+    """Each value (a float or a 0-d tensor) averaged over all processes (every process logs at the
+    same steps), as floats: the one device sync of a logging interval."""
+    if not values:
+        return {}
+    local = torch.stack([torch.as_tensor(v, dtype=torch.float32).to(accelerator.device) for v in values.values()])
+    if accelerator.num_processes > 1:
+        local = accelerator.reduce(local, reduction="mean")
+    return dict(zip(values, local.tolist()))
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when it is true on one: a Ctrl-C reaches the processes at different
+    moments, and ranks that stopped at different steps would hang, one at the checkpoint's barrier
+    and another in the next step's all-reduce."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), reduction="sum").item())
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -242,9 +254,9 @@ def main(argv: list[str] | None = None) -> Path | None:
         accelerator.init_trackers("smfsr", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                    for k, v in json.loads(dump(config)).items()})
     per_epoch = max(1, len(loader))
-    first_step, started, logged = step, time.time(), []
+    first_step, started, logged, stopping = step, time.time(), [], False
     with StopRequest() as stop:
-        while step < config.max_steps and not stop.asked:
+        while step < config.max_steps and not stopping:
             epoch, skip = divmod(micro, per_epoch)
             batches = accelerator.skip_first_batches(loader, skip) if skip else loader
             # The epoch decides the sampler's order and the dataset's crops and degradations. accelerate's
@@ -271,13 +283,14 @@ def main(argv: list[str] | None = None) -> Path | None:
                         if player is players[0]:
                             loss = player_loss
                 micro += 1
-                logged.append(loss.item())
+                logged.append(loss.detach())  # read at the logging interval: no device sync per step
                 if not accelerator.sync_gradients:
                     continue
                 step += 1
+                stopping = any_process(accelerator, stop.asked)
                 ema.update(accelerator.unwrap_model(generator))
                 if step % config.log_every == 0 or step == config.max_steps:
-                    values = mean_over_processes(accelerator, {"loss": sum(logged) / len(logged), **parts})
+                    values = mean_over_processes(accelerator, {"loss": torch.stack(logged).mean(), **parts})
                     lr = players[0].scheduler.get_last_lr()[0]  # the rate this step used
                     accelerator.log({f"train/{k}": v for k, v in {**values, "lr": lr}.items()}, step=step)
                     accelerator.print(f"step {step}/{config.max_steps} {_format(values)} "
@@ -289,10 +302,10 @@ def main(argv: list[str] | None = None) -> Path | None:
                     validate(accelerator, stage, config, nets, averaged_weights(accelerator, generator, ema), step)
                 if step % config.checkpoint_every == 0 and step < config.max_steps:
                     save_checkpoint(accelerator, out, step, micro, ema, config.keep_checkpoints)
-                if step >= config.max_steps or stop.asked:
+                if step >= config.max_steps or stopping:
                     break
     saved = save_checkpoint(accelerator, out, step, micro, ema, config.keep_checkpoints)
-    if stop.asked:
+    if stopping:
         accelerator.print(f"interrupted at step {step}/{config.max_steps}; saved {saved}\n"
                           "resume with the same command plus --resume")
         raise SystemExit(130)

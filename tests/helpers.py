@@ -38,6 +38,16 @@ def tiny_bundle(seed: int = 0, preset: str = "tiny", **defaults) -> Bundle:
     return bundle
 
 
+def tiny_sd35_vae(seed: int = 0):
+    """The tiny bundle's VAE in SD3.5's place: with SD3.5's latent constants, as the official
+    network's VAE must have (a VAE with other constants is refused beside it)."""
+    from smfsr.checkpoint.defaults import SD35_VAE_SCALE, SD35_VAE_SHIFT
+
+    vae = tiny_bundle(seed).vae
+    vae.register_to_config(scaling_factor=SD35_VAE_SCALE, shift_factor=SD35_VAE_SHIFT)
+    return vae
+
+
 def photo_like(height: int, width: int, seed: int = 0) -> np.ndarray:
     """A smooth, colourful test image with some texture (uint8 HxWx3)."""
     rng = np.random.default_rng(seed)
@@ -355,8 +365,11 @@ def save_tiny_sd3_text_encoders(root: Path) -> dict[str, Path]:
     _clip_tokenizer(sd35 / "tokenizer")
     _clip_tokenizer(sd35 / "tokenizer_2", pad="!")
     _t5_tokenizer(sd35 / "tokenizer_3")
-    # SD's 32 GroupNorm groups (a single file does not say how many; importers assume SD's)
-    vae = build_vae(vae_config("tiny", block_out_channels=(32, 32, 64, 64), norm_num_groups=32)).eval()
+    # SD's 32 GroupNorm groups (a single file does not say how many; importers assume SD's), SD3.5's constants
+    from smfsr.checkpoint.defaults import SD35_VAE_SCALE, SD35_VAE_SHIFT
+
+    vae = build_vae(vae_config("tiny", block_out_channels=(32, 32, 64, 64), norm_num_groups=32,
+                               scaling_factor=SD35_VAE_SCALE, shift_factor=SD35_VAE_SHIFT)).eval()
     vae.save_pretrained(str(sd35 / "vae"), safe_serialization=True)
     (sd35 / "model_index.json").write_text(json.dumps({
         "_class_name": "StableDiffusion3Pipeline", "_diffusers_version": "0.42.1",

@@ -246,3 +246,39 @@ def test_info_describes_a_bundle(tiny_bundle_path):
     text = describe(tiny_bundle_path)
     assert "SMFSR bundle" in text and "average-velocity" in text and "2 layers" in text
     assert "AutoencoderKL x8" in text and "stored embedding" in text and "x4" in text
+
+
+def test_a_foreign_vae_with_the_same_channels_is_refused_by_name(tmp_path):
+    """FLUX.1's VAE has SD3.5's architecture and 16 channels: only its constants tell. Beside the
+    official (SD3.5-trained) network it is refused by name, in a diffusers folder and inside a FLUX.1
+    single-file checkpoint; SD3.5's constants load."""
+    from smfsr.checkpoint import build_vae
+    from smfsr.checkpoint.defaults import FLUX_VAE_SCALE, FLUX_VAE_SHIFT, SD35_VAE_SCALE, SD35_VAE_SHIFT
+    from smfsr.models import vae_config
+    from smfsr.pipeline import SMFSRUpscaler
+
+    model = build_transformer(transformer_config("tiny-official"))
+    channels = model.config.in_channels
+    for name, scale, shift in (("flux", FLUX_VAE_SCALE, FLUX_VAE_SHIFT), ("sd35", SD35_VAE_SCALE, SD35_VAE_SHIFT)):
+        root = write_official_folder(tmp_path / name, model)
+        vae = build_vae(vae_config("tiny", latent_channels=channels, scaling_factor=scale, shift_factor=shift))
+        vae.save_pretrained(root / "vae", safe_serialization=True)
+    with pytest.raises(CheckpointError, match=r"this is FLUX\.1's VAE is not the one the model was trained with "
+                                              r"\(SD3/SD3\.5's\)"):
+        load_model(tmp_path / "flux")
+    assert load_model(tmp_path / "sd35").defaults.vae_scaling_factor == SD35_VAE_SCALE
+    # the same VAE given to the doors (--vae): refused before anything runs
+    with pytest.raises(CheckpointError, match=r"FLUX\.1's VAE"):
+        SMFSRUpscaler.from_pretrained(tmp_path / "sd35", vae=tmp_path / "flux" / "vae", device="cpu")
+    # a FLUX.1 single file (its MMDiT's double_blocks beside the VAE): FLUX.1's constants, not SD3.5's by
+    # the channel count
+    from smfsr.checkpoint.official import holds_flux_mmdit, infer_vae_config
+
+    shapes = {k: tuple(v.shape) for k, v in build_vae(vae_config(
+        "tiny", latent_channels=16, block_out_channels=(32, 32), norm_num_groups=32,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2)).state_dict().items()}
+    flux_file = ["model.diffusion_model.double_blocks.0.img_attn.qkv.weight", "vae.decoder.up.0.block.0.conv1.weight"]
+    sd35_file = ["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.weight", "first_stage_model.decoder.conv_in.weight"]
+    assert holds_flux_mmdit(flux_file) and not holds_flux_mmdit(sd35_file)
+    assert infer_vae_config(shapes, flux=True)["scaling_factor"] == FLUX_VAE_SCALE
+    assert infer_vae_config(shapes)["scaling_factor"] == SD35_VAE_SCALE

@@ -139,7 +139,7 @@ def test_inputs_are_split_across_processes(tmp_path, tiny_bundle_path, monkeypat
 
 def test_convert_writes_a_bundle_from_official_parts(tmp_path, sample_png):
     from tests.test_checkpoint import write_official_folder
-    from tests.helpers import tiny_bundle
+    from tests.helpers import tiny_sd35_vae
     import torch
     from safetensors.torch import save_file
 
@@ -148,7 +148,7 @@ def test_convert_writes_a_bundle_from_official_parts(tmp_path, sample_png):
 
     model = build_transformer(transformer_config("tiny-official"))
     root = write_official_folder(tmp_path / "smfsr_q", model)
-    tiny_bundle().vae.save_pretrained(tmp_path / "sd35" / "vae", safe_serialization=True)
+    tiny_sd35_vae().save_pretrained(tmp_path / "sd35" / "vae", safe_serialization=True)
     save_file({"embeds": torch.randn(1, 5, 16), "pooled": torch.randn(1, 16)}, str(tmp_path / "prompt.safetensors"))
     out = tmp_path / "smfsr_q.safetensors"
     assert main(["convert", "--transformer", str(root), "--vae", str(tmp_path / "sd35"), "--prompt-embeds",

@@ -146,6 +146,17 @@ def test_every_node_is_registered_with_tooltips_and_the_workflow_widget_order(co
     assert "latent cells" in info["SMFSRTiledVAEDecode"]["input"]["required"]["vae_tile"][1]["tooltip"]
     assert "take exactly 1" in sampler["steps"][1]["tooltip"]
     assert not any(o.endswith((".json", ".md")) for o in options)  # the folder is filtered to safetensors
+    # the ranges and lists are the core's, as every door offers them (tests/test_widgets.py)
+    from smfsr import options as o
+
+    for name, r in (("steps", o.STEPS), ("latent_tile", o.LATENT_TILE), ("latent_tile_overlap", o.LATENT_TILE_OVERLAP)):
+        assert (sampler[name][1]["min"], sampler[name][1]["max"]) == (r.minimum, r.maximum), name
+    vae_tile = info["SMFSRTiledVAEDecode"]["input"]["required"]["vae_tile"][1]
+    assert (vae_tile["min"], vae_tile["max"], vae_tile["step"]) == (o.VAE_TILE.minimum, o.VAE_TILE.maximum, o.VAE_TILE.step)
+    loader = info["SMFSRModelLoader"]["input"]["required"]
+    assert loader["dtype"][1]["options"] == list(o.DTYPE_CHOICES)
+    assert (loader["block_swap"][1]["min"], loader["block_swap"][1]["max"]) == (o.BLOCK_SWAP.minimum, o.BLOCK_SWAP.maximum)
+    assert info["SMFSRUpscale"]["input"]["required"]["color_fix"][1]["options"] == list(o.COLOR_FIX_CHOICES)
 
 
 def test_both_workflows_give_the_library_pixels(comfy, tiny_bundle_path):

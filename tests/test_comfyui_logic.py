@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from smfsr.errors import SMFSRError
 from comfyui_nodes.convert import image_from_core, image_to_core, lr_latent, moments_of, text_from_conditioning
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,7 +25,7 @@ def test_image_conversions():
     assert torch.equal(image_to_core(rgba), rgba[..., :3].movedim(-1, 1))  # alpha dropped, as VAEEncode does
     gray = torch.rand(1, 8, 8, 1)
     assert image_to_core(gray).shape == (1, 3, 8, 8)
-    with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
+    with pytest.raises(SMFSRError, match=r"\(B, H, W, C\)"):
         image_to_core(torch.rand(3, 8, 8))
 
 
@@ -35,7 +36,7 @@ def test_latent_and_conditioning_conversions():
     embeds, pooled = torch.randn(1, 5, 16), torch.randn(1, 16)
     got = text_from_conditioning([[embeds, {"pooled_output": pooled}]])
     assert got[0] is embeds and got[1] is pooled
-    with pytest.raises(ValueError, match="pooled"):
+    with pytest.raises(SMFSRError, match="pooled"):
         text_from_conditioning([[embeds, {}]])
 
 

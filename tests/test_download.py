@@ -208,14 +208,14 @@ def test_bundle_downloads_both_publishers_parts_and_converts_them_into_one_file(
     from smfsr.checkpoint import build_transformer
     from smfsr.models import transformer_config
     from smfsr.pipeline import SMFSRUpscaler
-    from tests.helpers import TINY_TEXT, save_tiny_sd3_text_encoders, tiny_bundle
+    from tests.helpers import TINY_TEXT, save_tiny_sd3_text_encoders, tiny_sd35_vae
     from tests.test_checkpoint import write_official_folder
 
     text = save_tiny_sd3_text_encoders(tmp_path / "text")
     network = build_transformer(transformer_config("tiny-official", joint_attention_dim=TINY_TEXT["t5"],
                                                    pooled_projection_dim=TINY_TEXT["clip_l"] + TINY_TEXT["clip_g"]))
     write_official_folder(tmp_path / "release" / "smfsr_q", network)
-    tiny_bundle().vae.save_pretrained(tmp_path / "vae", safe_serialization=True)
+    tiny_sd35_vae().save_pretrained(tmp_path / "vae", safe_serialization=True)
     sd35 = {**folder_files(tmp_path / "vae", "vae"),
             **{f"text_encoders/{n}": text[k].read_bytes() for n, k in (("clip_l.safetensors", "clip_l"),
                                                                        ("clip_g.safetensors", "clip_g"),
@@ -239,3 +239,36 @@ def test_bundle_downloads_both_publishers_parts_and_converts_them_into_one_file(
     assert up(Image.new("RGB", (32, 24), (90, 120, 150))).size == (128, 96)
     run, _ = smfsr("info", "smfsr_q", env={"SMFSR_CACHE": str(tmp_path)})  # the name finds the download
     assert run.returncode == 0 and "SMFSR bundle" in run.stdout, run.stderr
+
+
+def test_a_hub_library_too_old_or_a_bug_is_not_called_a_network_failure(tmp_path, monkeypatch):
+    """huggingface_hub before 1.0 has no httpx session (get_session().stream): refused by version
+    before anything is fetched; a non-network error keeps its own type and traceback."""
+    import importlib.metadata
+
+    import huggingface_hub.utils
+
+    from smfsr import download
+    from smfsr.errors import SMFSRError
+
+    import huggingface_hub.constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)  # read at its import
+    real_version = importlib.metadata.version
+    monkeypatch.setattr(importlib.metadata, "version",
+                        lambda name: "0.36.2" if name == "huggingface_hub" else real_version(name))
+    with pytest.raises(SMFSRError, match=r"needs huggingface_hub >= 1\.0, and this Python has 0\.36\.2"):
+        download.download("smfsr_q", out=str(tmp_path / "models"), endpoint="http://127.0.0.1:9", say=lambda m: None)
+    monkeypatch.setattr(importlib.metadata, "version", real_version)
+
+    class SessionWithoutStream:  # what an older huggingface_hub's requests session looks like here
+        pass
+
+    monkeypatch.setattr(huggingface_hub.utils, "get_session", lambda: SessionWithoutStream())
+    with Hub(official_repo(size=1000)) as hub:
+        with pytest.raises(AttributeError, match="stream"):
+            download.download("smfsr_q", out=str(tmp_path / "models"), endpoint=hub.url, say=lambda m: None)
+    # a refused connection is still the network's
+    with pytest.raises(SMFSRError, match="cannot reach the hub"):
+        download.download("smfsr_q", out=str(tmp_path / "models"), endpoint="http://127.0.0.1:9", say=lambda m: None)

@@ -123,6 +123,37 @@ def test_the_estimate_counts_the_tiles_the_sampler_runs(tiny_bundle_path):
     assert up.estimator.seconds(plan) > 0
 
 
+def test_a_first_call_is_never_the_time_per_tile():
+    """A first call sets up (CUDA kernels, compilation, block swap's first transfers) and can be far
+    slower than the calls after it: the estimate is the time of the calls after it."""
+    import torch
+
+    from smfsr.estimate import _time_of
+
+    calls = []
+
+    def run():
+        calls.append(None)
+        time.sleep(1.2 if len(calls) == 1 else 0.02)
+
+    seconds = _time_of(run, torch.device("cpu"))
+    assert 0.015 < seconds < 0.2 and len(calls) >= 3, (seconds, len(calls))
+    calls.clear()
+    slow = _time_of(lambda: (calls.append(None), time.sleep(1.5 if len(calls) == 1 else 1.05)), torch.device("cpu"))
+    assert 1.0 < slow < 1.4 and len(calls) == 2  # a slow call after the first is timed once
+
+
+def test_a_compiled_model_says_it_has_no_estimate(tiny_bundle_path):
+    from smfsr.options import UpscaleOptions
+    from smfsr.pipeline import SMFSRUpscaler
+
+    up = SMFSRUpscaler.from_pretrained(tiny_bundle_path, device="cpu", dtype="fp32")
+    up.compiled = True  # as from_pretrained(compile=True) sets it, without compiling here
+    line = up.announcement(1000, 1000, UpscaleOptions())
+    assert line.startswith("4000x4000 output (16.0 MP)") and line.endswith("compiling (torch.compile), no estimate")
+    assert not up.estimator.per_tile  # no warm-up ran
+
+
 def test_import_smfsr_from_the_clones_parent_folder(tmp_path):
     """A clone named smfsr, Python started beside it: the repository root must not hide the core."""
     clone = tmp_path / "smfsr"

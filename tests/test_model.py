@@ -173,3 +173,23 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     model(**inputs).square().mean().backward()
     for a, p in zip(plain, model.parameters()):
         assert torch.allclose(a, p.grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("preset", ["tiny-official", "tiny-official-teacher", "tiny"])
+def test_the_modules_forward_never_runs_are_exactly_those_named(preset):
+    """A forward and backward leave exactly the parameters of ``unused_modules`` without a gradient
+    (the official layout's dead modules, and to_k_control under lr_key_quirk): the trainer freezes
+    them, or DDP fails at its second step."""
+    from smfsr.checkpoint import build_transformer
+    from smfsr.models.presets import transformer_config
+
+    m = build_transformer(transformer_config(preset))
+    c = m.config
+    z = torch.randn(2, c.in_channels, 8, 8)
+    t = torch.rand(2)
+    m(z, torch.randn_like(z), torch.randn(2, 5, c.joint_attention_dim), torch.randn(2, c.pooled_projection_dim), t,
+      t * 0.5 if c.interval_embedding else None).pow(2).mean().backward()
+    no_grad = {n for n, p in m.named_parameters() if p.grad is None}
+    unused = tuple(f"{name}." for name in m.unused_modules())
+    assert no_grad == {n for n, _ in m.named_parameters() if n.startswith(unused)}
+    assert bool(no_grad) == preset.startswith("tiny-official")

@@ -8,6 +8,7 @@ import torch
 from PIL import Image
 
 from smfsr.color import adain, wavelet, wavelet_split
+from smfsr.devices import OutOfMemoryError
 from smfsr.errors import ImageError, SMFSRError
 from smfsr.imageio import from_pil
 from smfsr.pipeline import SMFSRUpscaler, UpscaleOptions, seeded_noise
@@ -230,13 +231,41 @@ def test_out_of_memory_halves_the_tile_and_retries(monkeypatch):
     def flaky(hidden_states, *a, **k):
         sizes.append(hidden_states.shape[-1])
         if hidden_states.shape[-1] > 16:
-            raise torch.OutOfMemoryError("simulated")
+            raise OutOfMemoryError("simulated")
         return real(hidden_states, *a, **k)
 
     monkeypatch.setattr(up.transformer, "forward", flaky)
     x = torch.from_numpy(photo_like(64, 64)).permute(2, 0, 1).float()[None] / 255  # a 32x32 latent
     out = up(x, UpscaleOptions(tile_size=32, tile_overlap=8))
     assert out.shape == (1, 3, 256, 256) and sizes[0] == 32 and set(sizes[1:]) == {16}
+
+
+@pytest.mark.parametrize("dtype, fix", [(torch.float32, "the model file may be damaged"),
+                                        (torch.bfloat16, "set ${dtype} to fp32")])
+def test_non_finite_results_are_refused_with_the_setting_that_fixes_them(dtype, fix):
+    """A half-precision overflow becomes NaN/inf: refused after sampling and after decoding, never
+    saved as a black image; the message names the precision setting in each door's terms."""
+    from smfsr.errors import CLI_NAMES, door_message
+
+    x = torch.from_numpy(photo_like(24, 32)).permute(2, 0, 1).float()[None] / 255
+    up = SMFSRUpscaler(tiny_bundle())
+    up.transformer.to(dtype)
+    with torch.no_grad():
+        up.transformer.proj_out.weight[0, 0] = float("inf")  # one overflowed weight
+    with pytest.raises(SMFSRError) as caught:
+        up(x)
+    message = str(caught.value)
+    assert "the sampled latent holds" in message and "NaN or inf values" in message and fix in caught.value.template
+    if dtype != torch.float32:
+        assert "set --dtype to fp32" in door_message(caught.value, CLI_NAMES)
+    up = SMFSRUpscaler(tiny_bundle())
+    rgb_out = [m for m in up.codec.vae.modules() if isinstance(m, torch.nn.Conv2d) and m.out_channels == 3]
+    assert rgb_out
+    with torch.no_grad():  # the VAE's last layer overflows instead
+        for m in rgb_out:
+            m.bias.fill_(float("nan"))
+    with pytest.raises(SMFSRError, match="the decoded image holds .* NaN or inf values"):
+        up(x)
 
 
 def test_vae_tiling_is_an_option_with_an_explicit_off(upscaler):

@@ -162,7 +162,7 @@ def test_a_vsd_step_moves_samples_against_the_score_mismatch(setup):
     x0_fake - x0_real does not depend on x at all); what must hold is that a generator step moves
     its samples along -(x0_fake - x0_real), the direction that lowers KL(p_fake || p_real)."""
     from smfsr_trainer.stages import guided, velocity_fn
-    from smfsr_trainer.stages.refine import fake_score_loss, generator_loss, one_step, real_score_fn
+    from smfsr_trainer.stages.refine import fake_score_loss, generate, generator_loss, real_score_fn
     from smfsr_trainer.vsd import vsd_loss
 
     config, nets, batch = networks_and_batch(setup)
@@ -180,7 +180,7 @@ def test_a_vsd_step_moves_samples_against_the_score_mismatch(setup):
     noise = torch.randn(b.x.shape, generator=torch.Generator().manual_seed(1))
     vsd_noise = torch.randn(b.x.shape, generator=torch.Generator().manual_seed(2))
     t = torch.full((b.x.shape[0],), 0.5)
-    x_hat = one_step(nets.trained, noise, b.cond)
+    x_hat = generate(nets.trained, noise, b.cond)
     real = guided(real_score_fn(r.teacher), 1.0, None, None)
     surrogate, mismatch = vsd_loss(x_hat, real, velocity_fn(r.fake), vsd_noise, t, b.cond)
     assert mismatch.min() > 0
@@ -190,7 +190,7 @@ def test_a_vsd_step_moves_samples_against_the_score_mismatch(setup):
         for p in nets.trained.parameters():
             if p.grad is not None:
                 p -= 1e-2 * p.grad
-        moved = one_step(nets.trained, noise, b.cond) - x_hat.detach()
+        moved = generate(nets.trained, noise, b.cond) - x_hat.detach()
     cosine = torch.nn.functional.cosine_similarity(moved.flatten(), -direction.flatten(), dim=0)
     print(f"\ncosine(sample change, -VSD gradient) = {cosine.item():.3f}")
     assert cosine > 0.1

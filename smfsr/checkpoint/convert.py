@@ -66,7 +66,7 @@ def convert(transformer: str | os.PathLike, output: str | os.PathLike, *, vae: s
     defaults = source.defaults if source is not None else PipelineDefaults(upscale=upscale)
     defaults.prompt = text or ""
     if vae_module is not None:
-        defaults.use_vae(vae_module)
+        defaults.use_vae(vae_module, same_latent_space=vae is not None)  # a VAE given for the network: its own
     bundle = Bundle(transformer=network, vae=vae_module, prompt_embeds=embeds, prompt_pooled=pooled, defaults=defaults,
                     license=license or (source.license if source is not None else "see the original model's licence"),
                     provenance=f"converted by smfsr {__version__} from {transformer}"

@@ -9,6 +9,18 @@ from typing import Any
 
 # SD3.5's VAE latent statistics (its config's scaling_factor / shift_factor): the official weights'
 SD35_VAE_SCALE, SD35_VAE_SHIFT = 1.5305, 0.0609
+FLUX_VAE_SCALE, FLUX_VAE_SHIFT = 0.3611, 0.1159
+# Latent spaces by their VAE's constants, to name a VAE that is not the model's. SD3.5's and
+# FLUX.1's VAEs have the same architecture and 16 channels: only the constants (and the weights)
+# tell them apart.
+LATENT_SPACES = {(SD35_VAE_SCALE, SD35_VAE_SHIFT): "SD3/SD3.5", (FLUX_VAE_SCALE, FLUX_VAE_SHIFT): "FLUX.1",
+                 (0.18215, 0.0): "SD1.x/SD2.x", (0.13025, 0.0): "SDXL"}
+
+
+def latent_space(scale: float, shift: float) -> str | None:
+    """Whose VAE these constants are (LATENT_SPACES), or None."""
+    return next((name for (s, h), name in LATENT_SPACES.items() if abs(s - scale) < 1e-4 and abs(h - shift) < 1e-4),
+                None)
 
 
 @dataclass
@@ -33,9 +45,24 @@ class PipelineDefaults:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in values.items() if k in known})
 
-    def use_vae(self, vae) -> "PipelineDefaults":
+    def use_vae(self, vae, *, same_latent_space: bool = False) -> "PipelineDefaults":
         """Take the latent scale/shift from a VAE's config (a diffusers AutoencoderKL, or the
-        space-to-depth codec): the one place a VAE's statistics enter the defaults. Returns self."""
-        self.vae_scaling_factor = float(vae.config.scaling_factor)
-        self.vae_shift_factor = float(vae.config.shift_factor or 0.0)
+        space-to-depth codec): the one place a VAE's statistics enter the defaults. Returns self.
+
+        ``same_latent_space``: the VAE is given to a trained network (whose latent space these
+        defaults hold: SD3.5's for the official weights), so one from another model is refused by
+        name instead of being scaled as if it were the network's."""
+        scale, shift = float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0)
+        if same_latent_space and (abs(scale - self.vae_scaling_factor) > 1e-4
+                                  or abs(shift - self.vae_shift_factor) > 1e-4):
+            from ..errors import CheckpointError
+
+            found, expected = latent_space(scale, shift), latent_space(self.vae_scaling_factor, self.vae_shift_factor)
+            raise CheckpointError(
+                (f"this is {found}'s VAE" if found else f"this VAE (scaling {scale:g}, shift {shift:g})")
+                + " is not the one the model was trained with ("
+                + (f"{expected}'s" if expected else f"scaling {self.vae_scaling_factor:g}, shift "
+                   f"{self.vae_shift_factor:g}") + "): its latents would be misread, even with the same number of "
+                "channels; use the model's VAE (for the official SMFSR weights, SD3.5's: `smfsr download sd35-medium-vae`)")
+        self.vae_scaling_factor, self.vae_shift_factor = scale, shift
         return self

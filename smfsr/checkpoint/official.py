@@ -14,7 +14,7 @@ from ..errors import CheckpointError
 from .build import OPTIONAL_TRANSFORMER_KEYS, build_transformer, build_vae, check_state, expected_shapes, \
     filler, load_into
 from .bundle import Bundle, load_bundle, read_prompt_file, to_device
-from .defaults import SD35_VAE_SCALE, SD35_VAE_SHIFT, PipelineDefaults
+from .defaults import FLUX_VAE_SCALE, FLUX_VAE_SHIFT, SD35_VAE_SCALE, SD35_VAE_SHIFT, PipelineDefaults
 from .peek import find_weights, official_transformer_config, read_json, transformer_folder
 from .safe_read import load_tensors, read_header
 
@@ -36,8 +36,14 @@ def import_official_transformer(folder: str | os.PathLike, dtype: torch.dtype | 
     return load_into(make, load_tensors(weights, dtype=dtype), filler(header))
 
 
-def infer_vae_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """An AutoencoderKL config from a diffusers-keyed VAE state dict (SD / SDXL / SD3 families)."""
+def holds_flux_mmdit(names) -> bool:
+    """A FLUX.1 single-file checkpoint: its MMDiT's double_blocks beside the VAE."""
+    return any(k.startswith(("double_blocks.", "model.diffusion_model.double_blocks.")) for k in names)
+
+
+def infer_vae_config(shapes: dict[str, tuple[int, ...]], flux: bool = False) -> dict[str, Any]:
+    """An AutoencoderKL config from a diffusers-keyed VAE state dict (SD / SDXL / SD3 families; ``flux``:
+    FLUX.1's, the same architecture as SD3's with other constants)."""
     if "decoder.conv_in.weight" not in shapes:
         if any(k.startswith(("first_stage_model.", "encoder.down.", "decoder.up.")) for k in shapes):
             raise CheckpointError(
@@ -49,7 +55,10 @@ def infer_vae_config(shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     latent = shapes["decoder.conv_in.weight"][1]
     blocks = tuple(shapes[f"encoder.down_blocks.{i}.resnets.0.conv2.weight"][0] for i in levels)
     layers = len({k.split(".")[4] for k in shapes if k.startswith("encoder.down_blocks.0.resnets.")})
-    scale, shift = (SD35_VAE_SCALE, SD35_VAE_SHIFT) if latent == 16 else (0.18215, 0.0)  # SD3.x or SD1.x
+    # SD3.x or SD1.x by the channels; a 16-channel VAE inside a FLUX.1 checkpoint is FLUX.1's
+    scale, shift = (SD35_VAE_SCALE, SD35_VAE_SHIFT) if latent == 16 else (0.18215, 0.0)
+    if flux:
+        scale, shift = FLUX_VAE_SCALE, FLUX_VAE_SHIFT
     return dict(
         in_channels=3, out_channels=3, latent_channels=latent, block_out_channels=blocks,
         layers_per_block=layers, norm_num_groups=32, down_block_types=("DownEncoderBlock2D",) * len(blocks),
@@ -96,7 +105,7 @@ def import_vae(path: str | os.PathLike) -> torch.nn.Module:
             shapes = {k: tuple(v.shape) for k, v in tensors.items()}
     if config is None:
         try:
-            config = infer_vae_config(shapes)
+            config = infer_vae_config(shapes, holds_flux_mmdit(header))
         except CheckpointError as e:
             raise CheckpointError(f"{weights}: {e}") from None
     else:
@@ -121,7 +130,8 @@ def load_model(path: str | os.PathLike, *, device: str | torch.device = "cpu",
         vae = import_vae(path) if (path / "vae").is_dir() else None
         prompt = path / "prompt.safetensors"  # an optional precomputed prompt beside the official folders
         embeds, pooled = read_prompt_file(prompt) if prompt.exists() else (None, None)
-        defaults = PipelineDefaults() if vae is None else PipelineDefaults().use_vae(vae)
+        # the official network is SD3.5's: a vae/ folder beside it must be SD3.5's VAE
+        defaults = PipelineDefaults() if vae is None else PipelineDefaults().use_vae(vae, same_latent_space=True)
         bundle = Bundle(transformer=transformer, vae=vae, prompt_embeds=embeds, prompt_pooled=pooled,
                         defaults=defaults, source=str(path))
         return to_device(bundle, device, dtype)

@@ -50,6 +50,7 @@ TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {**TINY, **OUR_BEHAVIOUR, "interval_embedding": True, "time_scale": 1000.0},
     "tiny-teacher": {**TINY, **OUR_BEHAVIOUR, "interval_embedding": False, "time_scale": 1000.0},
     "tiny-official": {**TINY, **OFFICIAL_BEHAVIOUR, "interval_embedding": True, "time_scale": 1.0},
+    "tiny-official-teacher": {**TINY, **OFFICIAL_BEHAVIOUR, "interval_embedding": False, "time_scale": 1000.0},
     "small": {**SMALL, **OUR_BEHAVIOUR, "interval_embedding": True, "time_scale": 1000.0},
     "small-teacher": {**SMALL, **OUR_BEHAVIOUR, "interval_embedding": False, "time_scale": 1000.0},
     "tiny-x4": {**TINY_X4, **OUR_BEHAVIOUR, "interval_embedding": True, "time_scale": 1000.0},
@@ -59,7 +60,8 @@ TRANSFORMER_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 # The teacher preset a student preset is distilled from.
-TEACHER_OF = {"sd35-medium": "dit4sr-sd35-medium", "tiny": "tiny-teacher", "small": "small-teacher",
+TEACHER_OF = {"sd35-medium": "dit4sr-sd35-medium", "tiny": "tiny-teacher", "tiny-official": "tiny-official-teacher",
+              "small": "small-teacher",
               "small-x4": "small-x4-teacher", "tiny-x4": "tiny-x4-teacher"}
 
 # SD3.5's VAE (method.md 2.1): 16 latent channels, x8, scale 1.5305, shift 0.0609.

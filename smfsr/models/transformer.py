@@ -128,6 +128,25 @@ class SMFSRTransformer(ModelMixin, ConfigMixin):
     def is_average_velocity(self) -> bool:
         return bool(self.config.interval_embedding)
 
+    def unused_modules(self) -> list[str]:
+        """The submodules ``forward`` never runs: the official layout's dead modules (the interval
+        embedder, attn2's text projections) and, with ``lr_key_quirk``, every ``to_k_control`` (the
+        official LR keys reuse the noisy ones). They exist so official checkpoints load; a trainer
+        must not train them (DDP fails on parameters that get no gradient)."""
+        unused = ["interval_embedder"] if hasattr(self, "interval_embedder") else []
+        for i, block in enumerate(self.transformer_blocks):
+            for attention in ("attn", "attn2"):
+                module = getattr(block, attention, None)
+                if module is None:
+                    continue
+                if module.lr_key_quirk:
+                    unused.append(f"transformer_blocks.{i}.{attention}.to_k_control")
+                if attention == "attn2":  # the second attention never sees text
+                    unused += [f"transformer_blocks.{i}.attn2.{name}" for name in
+                               ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "norm_added_q",
+                                "norm_added_k") if getattr(module, name, None) is not None]
+        return unused
+
     def embed_time(self, t: torch.Tensor, r: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
         t = t * self.config.time_scale
         if not self.config.interval_embedding:

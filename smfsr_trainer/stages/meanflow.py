@@ -39,9 +39,9 @@ def meanflow_loss(u, u_target, v_teacher, x: torch.Tensor, noise: torch.Tensor, 
     per_sample = (pred - target).pow(2).flatten(1).mean(1)
     logs = {}
     if boundary.any():
-        logs["loss_boundary"] = per_sample[boundary].mean().item()
+        logs["loss_boundary"] = per_sample[boundary].mean().detach()
     if (~boundary).any():
-        logs["loss_isc"] = per_sample[~boundary].mean().item()
+        logs["loss_isc"] = per_sample[~boundary].mean().detach()
     return per_sample.mean(), logs
 
 

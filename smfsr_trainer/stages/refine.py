@@ -104,10 +104,6 @@ def generate(generator: torch.nn.Module, noise: torch.Tensor, cond: Condition, s
     return meanflow.sample_average_velocity(lambda z, r, t: u(z, r, t, cond), noise, steps)
 
 
-def one_step(generator: torch.nn.Module, noise: torch.Tensor, cond: Condition) -> torch.Tensor:
-    return generate(generator, noise, cond, 1)
-
-
 def features(net: FeatureBackbone, images: torch.Tensor, depths: list[int]) -> dict[int, torch.Tensor]:
     return dict(zip(depths, net(images, depths)))
 
@@ -122,11 +118,11 @@ def generator_loss(config, nets: RefineNets, generator: torch.nn.Module, codec, 
     if config.weight_l2:
         l2 = F.mse_loss(x_hat, b.x)
         loss = loss + config.weight_l2 * l2
-        logs["loss_l2"] = l2.item()
+        logs["loss_l2"] = l2.detach()
     if config.weight_l1:
         l1 = F.l1_loss(x_hat, b.x)
         loss = loss + config.weight_l1 * l1
-        logs["loss_l1"] = l1.item()
+        logs["loss_l1"] = l1.detach()
     if config.weight_gan or config.weight_perceptual:
         image = codec.decode(x_hat, grad=True)
         b.image = image.detach()
@@ -144,21 +140,21 @@ def generator_loss(config, nets: RefineNets, generator: torch.nn.Module, codec, 
             depths = nets.depths(net)
             distance = perceptual_distance(net, [fake[id(net)][d] for d in depths], [real[d] for d in depths]).mean()
             loss = loss + config.weight_perceptual * distance
-            logs["loss_perceptual"] = distance.item()
+            logs["loss_perceptual"] = distance.detach()
         if config.weight_gan:
             with frozen(nets.heads) as heads:
                 maps = [fake[id(nets.backbone)][d] for d in nets.disc_depths]
                 adv = generator_adversarial_loss(heads(maps, b.lr), config.gan_loss)
             loss = loss + config.weight_gan * adv
-            logs["loss_gan"] = adv.item()
+            logs["loss_gan"] = adv.detach()
     if config.weight_vsd:
         t = vsd_times(len(b.cond), config.vsd_t_min, config.vsd_t_max, b.g).to(b.x)
         vsd_noise = torch.randn(b.x.shape, generator=b.g).to(b.x)
         real_score = guided(real_score_fn(nets.teacher), config.vsd_cfg, b.null.embeds[:1], b.null.pooled[:1])
         surrogate, mismatch = vsd_loss(x_hat, real_score, velocity_fn(nets.fake), vsd_noise, t, b.cond)
         loss = loss + config.weight_vsd * surrogate
-        logs["vsd_mismatch"] = mismatch.mean().item()
-    logs["loss_generator"] = loss.item()
+        logs["vsd_mismatch"] = mismatch.mean().detach()
+    logs["loss_generator"] = loss.detach()
     return loss, logs
 
 
@@ -181,7 +177,7 @@ def fake_score_loss(config, fake: torch.nn.Module, b: RefineBatch) -> tuple[torc
     t = meanflow.logit_normal(n, config.time_mu, config.time_sigma, generator=b.g).to(b.sample)
     noise = torch.randn(b.sample.shape, generator=b.g).to(b.sample)
     loss = flow_matching_loss(velocity_fn(fake), b.sample, noise, t, b.cond, precondition=config.precondition)
-    return loss, {"loss_fake_score": loss.item()}
+    return loss, {"loss_fake_score": loss.detach()}
 
 
 def discriminator_step_loss(config, nets: RefineNets, heads: torch.nn.Module, codec, b: RefineBatch
@@ -200,13 +196,13 @@ def discriminator_step_loss(config, nets: RefineNets, heads: torch.nn.Module, co
     real_logits = heads([real[d] for d in depths], b.lr)
     fake_logits = heads([fake[d].detach() for d in depths], b.lr)
     loss = discriminator_loss(real_logits, fake_logits, config.gan_loss)
-    logs = {"loss_discriminator": loss.item(),
-            "d_real": torch.stack([lg.mean() for lg in real_logits]).mean().item(),
-            "d_fake": torch.stack([lg.mean() for lg in fake_logits]).mean().item()}
+    logs = {"loss_discriminator": loss.detach(),
+            "d_real": torch.stack([lg.mean() for lg in real_logits]).mean().detach(),
+            "d_fake": torch.stack([lg.mean() for lg in fake_logits]).mean().detach()}
     if config.r1_gamma > 0:
         r1 = r1_penalty(real_logits, real_images)
         loss = loss + 0.5 * config.r1_gamma * r1
-        logs["r1"] = r1.item()
+        logs["r1"] = r1.detach()
     return loss, logs
 
 

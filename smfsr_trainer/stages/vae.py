@@ -32,7 +32,7 @@ def vae_loss(vae, image: torch.Tensor, g: torch.Generator, kl_weight: float) -> 
     recon = vae.decoder(z)
     l1 = (recon - x).abs().mean()
     kl = 0.5 * (mean.pow(2) + logvar.exp() - 1 - logvar).mean()
-    return l1 + kl_weight * kl, {"l1": l1.item(), "kl": kl.item()}
+    return l1 + kl_weight * kl, {"l1": l1.detach(), "kl": kl.detach()}
 
 
 @torch.no_grad()
