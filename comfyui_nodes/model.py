@@ -121,7 +121,7 @@ class SMFSRModel:
 
     def upscaler_for(self, vae=None) -> SMFSRUpscaler:
         """This model on its device, with a core VAE (its ldm ``first_stage_model``) or its own."""
-        mm.load_models_gpu(self.patchers + ([vae.patcher] if vae is not None else []))
+        load_on_device(self.patchers + ([vae.patcher] if vae is not None else []))
         if vae is None and self.bundle.vae is None:
             raise SMFSRError(f"the SMFSR model {self.name} has no VAE of its own: connect the VAE from your "
                              "SD3.5 checkpoint loader (or Load VAE) to the node's vae input; `smfsr download "
@@ -130,25 +130,51 @@ class SMFSRModel:
 
     def sampler(self) -> SMFSRUpscaler:
         """For sampling only: needs the latent scale/shift, not a VAE."""
-        mm.load_models_gpu(self.patchers)
+        load_on_device(self.patchers)
         return self._upscaler(None, sampling_only=True)
 
     def vae_module(self):
         """The bundle's own VAE, on its device, or None."""
         if self.bundle.vae is None:
             return None
-        mm.load_models_gpu(self.patchers)
+        load_on_device(self.patchers)
         return self.bundle.vae
 
 
 class Managed(torch.nn.Module):
     """What a ModelPatcher manages: it assigns ``.device`` on its model, which diffusers models
-    expose read-only, so the network sits inside this holder (moving the holder moves it)."""
+    expose read-only, so the network sits inside this holder (moving the holder moves it).
+
+    ComfyUI sees the network without its swapped blocks (smfsr.offload.BlockSwap streams those
+    itself): ModelPatcher sizes a model by its state dict and moves it module by module, parameter
+    by parameter, which would put swapped blocks on the GPU for good (or leave their stored copies
+    orphaned). The rest is loaded whole (``load_on_device``): these are plain torch layers, not
+    ComfyUI's cast-weights ops, so a partial load would leave some of them on the CPU."""
 
     def __init__(self, module: torch.nn.Module):
         super().__init__()
         self.module = module
         self.device = next(module.parameters()).device
+
+    def _hidden(self) -> tuple[str, ...]:
+        swap = getattr(self.module, "block_swap", None)
+        return tuple(f"module.transformer_blocks.{i}." for i in swap.swapped) if swap is not None else ()
+
+    def named_modules(self, memo=None, prefix: str = "", remove_duplicate: bool = True):
+        hidden = tuple(f"{prefix}.{h}" if prefix else h for h in self._hidden())
+        for name, module in super().named_modules(memo, prefix, remove_duplicate):
+            if not (name + ".").startswith(hidden):
+                yield name, module
+
+    def state_dict(self, *args, **kwargs):
+        state = super().state_dict(*args, **kwargs)
+        hidden = self._hidden()
+        return {k: v for k, v in state.items() if not k.startswith(hidden)} if hidden else state
+
+
+def load_on_device(patchers: list) -> None:
+    """ComfyUI's memory manager makes room and loads the SMFSR networks whole (see ``Managed``)."""
+    mm.load_models_gpu(patchers, force_full_load=True)
 
 
 def load(name: str, dtype: str, weights: str = "auto", block_swap: int = 0, compile: bool = False) -> SMFSRModel:

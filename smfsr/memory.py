@@ -54,12 +54,51 @@ def needed_bytes(tensors: list[tuple[bool, int, str]], compute: torch.dtype, fp8
 
 
 def free_host_bytes() -> int | None:
-    """MemAvailable (what can be used without swapping), or None where /proc/meminfo is absent."""
+    """What this process can still allocate without swapping or being killed: the machine's
+    available memory (psutil where it is installed, on any OS; else /proc/meminfo's MemAvailable),
+    capped by the container's limit (cgroup v2 or v1: Docker, Kubernetes, CI runners, Colab), whose
+    OOM killer acts on the cgroup's usage, not the machine's. None where nothing can be read."""
+    available = None
     try:
-        with open("/proc/meminfo") as f:
-            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
-    except (OSError, StopIteration, ValueError):
-        return None
+        import psutil
+
+        available = int(psutil.virtual_memory().available)
+    except ImportError:
+        try:
+            with open("/proc/meminfo") as f:
+                available = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable"))
+        except (OSError, StopIteration, ValueError):
+            pass
+    headroom = cgroup_headroom()
+    if headroom is None:
+        return available
+    return headroom if available is None else min(available, headroom)
+
+
+CGROUP_FILES = (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current", "/sys/fs/cgroup/memory.stat",
+                 "inactive_file"),  # v2
+                ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes",
+                 "/sys/fs/cgroup/memory/memory.stat", "total_inactive_file"))  # v1
+
+
+def cgroup_headroom(files=None) -> int | None:
+    """The cgroup's limit less its usage (reclaimable page cache not counted as used), or None
+    without a limit."""
+    for limit_file, usage_file, stat_file, inactive_key in files or CGROUP_FILES:
+        try:
+            limit_text = Path(limit_file).read_text().strip()
+            usage = int(Path(usage_file).read_text())
+        except (OSError, ValueError):
+            continue
+        if limit_text == "max" or not limit_text.isdigit() or int(limit_text) >= 2**60:  # v1 "unlimited"
+            return None
+        try:
+            stat = dict(line.split() for line in Path(stat_file).read_text().splitlines() if line.count(" ") == 1)
+            usage -= int(stat.get(inactive_key, 0))
+        except (OSError, ValueError):
+            pass
+        return max(0, int(limit_text) - usage)
+    return None
 
 
 def release_freed_memory() -> None:

@@ -4,6 +4,14 @@ Only trainable parameters are averaged: frozen ones never change, and for a LoRA
 run of a 2.7 B network a float32 copy of everything would cost 11 GB for nothing. Under FSDP the
 parameters are sharded (DTensors) and so is the average; ``full()`` gathers it (every process
 must call it) and ``load()`` lays a full average out like the model's parameters.
+
+A LoRA's A and B are averaged separately, so its export is W + s EMA(B) EMA(A), not the average of
+the trained weights, W + s EMA(B A): the two differ by the covariance of B and A within the
+averaging window. Averaging B A itself would keep a float32 matrix of every adapted layer's full
+size (about 9 GB for SD3.5-medium), the memory a LoRA exists to save. Measured by
+``python -m bench.ema_lora`` (the tiny model, rank 4, lr 3e-3, decay 0.9, its first 40 steps, where
+the adapters move fastest): the difference is 5 % of the averaged delta (7.7 % in the worst
+layer) and 1.2 % of the base weight; it shrinks as the adapters settle and as the window grows.
 """
 
 from __future__ import annotations

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from bench import steps
+from tests.helpers import REPO
 from bench.harness import Table, in_child
 
 
@@ -131,3 +132,21 @@ def test_a_child_that_dies_is_reported_at_once():
     result = in_child(_dies_on_import, timeout=600)
     assert "exited with 3" in result["error"]
     assert time.monotonic() - start < 60  # not the timeout
+
+
+def test_grid_strength_sees_a_4_pixel_pattern_and_not_a_photo():
+    import numpy as np
+    import torch
+
+    from bench.eval_model import grid_strength
+    from smfsr.imageio import open_image
+
+    photo = torch.from_numpy(np.array(open_image(REPO / "samples" / "sunset_lr.png").convert("RGB")))
+    photo = photo.permute(2, 0, 1).float()[None] / 255
+    gridded = photo.clone()
+    gridded[..., ::4, ::4] += 0.03  # a faint dot every 4 px
+    clean, grid = grid_strength(photo).item(), grid_strength(gridded.clamp(0, 1)).item()
+    assert clean < 0.001 and grid > 0.02, (clean, grid)
+    shifted = photo.clone()
+    shifted[..., ::3, ::3] += 0.03  # another period is not this grid
+    assert grid_strength(shifted.clamp(0, 1)).item() < 0.01

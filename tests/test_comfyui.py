@@ -286,6 +286,50 @@ def test_the_checkpoint_vae_loader_reads_only_the_vae_and_gives_comfyuis_vae(tmp
     assert "TripleCLIPLoader (models/text_encoders/clip_l, clip_g, t5xxl_fp8_e4m3fn)" in run.stdout, run.stdout
 
 
+SWAP_SCRIPT = """
+import sys, torch
+sys.path[:0] = [comfy_dir, repo]
+sys.argv = ["main.py", "--cpu"]
+import comfy.options
+comfy.options.enable_args_parsing()
+import comfy.model_patcher
+from comfyui_nodes.model import Managed
+from smfsr.checkpoint import build_transformer
+from smfsr.models import transformer_config
+from smfsr.offload import BlockSwap
+
+t = build_transformer(transformer_config("tiny")).eval()
+z = torch.randn(1, t.config.in_channels, 8, 8)
+args = (z, z, torch.randn(1, 5, t.config.joint_attention_dim), torch.randn(1, t.config.pooled_projection_dim),
+        torch.ones(1), torch.zeros(1))
+with torch.no_grad():
+    before = t(*args)
+t.block_swap = BlockSwap(t.transformer_blocks, 1, "cpu")  # block 0 streamed, the others ComfyUI's
+patcher = comfy.model_patcher.ModelPatcher(Managed(t), load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+swapped = sum(p.nbytes for p in t.transformer_blocks[0].parameters())
+total = sum(v.nbytes for v in t.state_dict().values())
+print("sizes", patcher.model_size() == total - swapped, swapped > 0)
+names = [n for n, _ in patcher.model.named_modules()]
+print("keys", any(k.startswith("module.transformer_blocks.0.") for k in patcher.model.state_dict()),
+      any(n.startswith("module.transformer_blocks.0") for n in names),
+      any(n.startswith("module.transformer_blocks.1.") for n in names))
+patcher.load(torch.device("cpu"), lowvram_model_memory=1, full_load=False)  # as a partial load would
+print("untouched", all(p.data_ptr() == copy.data_ptr() for p, copy in t.block_swap.stored[0]))
+with torch.no_grad():
+    print("same", torch.equal(t(*args), before))
+"""
+
+
+def test_comfyuis_model_patcher_leaves_swapped_blocks_to_block_swap(tmp_path):
+    """ModelPatcher sizes and moves a model parameter by parameter: it must not see the blocks
+    BlockSwap streams (it would pin them on the GPU, or orphan their stored copies)."""
+    run = subprocess.run([COMFYUI_PYTHON, "-c", f"comfy_dir, repo = {COMFYUI_DIR!r}, {str(REPO)!r}\n" + SWAP_SCRIPT],
+                         capture_output=True, text=True, cwd=COMFYUI_DIR, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "sizes True True" in run.stdout and "keys False False True" in run.stdout, run.stdout
+    assert "untouched True" in run.stdout and "same True" in run.stdout, run.stdout
+
+
 VAE_SCRIPT = """
 import sys
 from pathlib import Path
