@@ -62,11 +62,14 @@ def test_model_evaluation_scores_bicubic_and_the_model_and_measures_the_seed_spr
     figure = tmp_path / "figure.png"
     quality, steps, spread = evaluate({"tiny": str(tiny_bundle_path)}, tmp_path, crop=64, seeds=2, lpips_file=str(lpips),
                                       steps=(1, 2), figure=figure)
-    assert [r[:2] for r in quality.rows] == [["bicubic", "bicubic"], ["bicubic", "tiny"],
-                                             ["realesrgan", "bicubic"], ["realesrgan", "tiny"]]
+    assert [r[:2] for r in quality.rows] == [["bicubic", "bicubic"], ["bicubic", "tiny"], ["bicubic", "ground truth"],
+                                             ["realesrgan", "bicubic"], ["realesrgan", "tiny"],
+                                             ["realesrgan", "ground truth"]]
     bicubic_psnr = float(quality.rows[0][2])
     assert 20 < bicubic_psnr < 60  # smooth images: bicubic does well
-    assert all(float(r[5]) > 0 for r in quality.rows)  # a perceptual distance for every method
+    methods = [r for r in quality.rows if r[1] != "ground truth"]
+    assert all(float(r[6]) > 0 for r in methods)  # a perceptual distance for every method
+    assert all(0 <= float(r[5]) < 1 for r in quality.rows)  # a grid strength for every row
     assert steps.rows[0][0] == "tiny" and len(steps.rows[0]) == 3
     from PIL import Image
 
