@@ -46,10 +46,10 @@ class WebUI:
 
 @contextmanager
 def a1111(data: Path, a1111_dir: str | os.PathLike, python: str, *, no_half: bool = True, timeout: float = 240,
-          forge: bool = False, extra_args: tuple[str, ...] = ()):
+          forge: bool = False, extra_args: tuple[str, ...] = (), env: dict | None = None):
     """Start A1111, or Forge with ``forge`` (CPU, API only), on the data folder ``data`` with this
     repository as its only extension; yields a ``WebUI`` client, stops the server afterwards. Models
-    go in data/models/SMFSR."""
+    go in data/models/SMFSR; ``env`` adds to the environment (HF_HOME for an offline CLIP, say)."""
     (data / "extensions").mkdir(parents=True, exist_ok=True)
     (data / "models" / "SMFSR").mkdir(parents=True, exist_ok=True)
     if not (data / "extensions" / "smfsr").exists():
@@ -62,7 +62,7 @@ def a1111(data: Path, a1111_dir: str | os.PathLike, python: str, *, no_half: boo
          "--port", str(port), "--data-dir", str(data), "--skip-version-check", "--server-name", "127.0.0.1",
          # Forge asks CUDA for its device at import unless told to stay on the CPU
          *(["--always-cpu"] if forge else []), *extra_args],
-        cwd=str(a1111_dir), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        cwd=str(a1111_dir), stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})},
     )
     server = WebUI(f"http://127.0.0.1:{port}", data, proc)
     deadline = time.time() + timeout

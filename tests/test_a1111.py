@@ -7,6 +7,7 @@ web UI's Python). A web UI that is absent skips its tests and says what is missi
 
 from __future__ import annotations
 
+import base64
 import io
 import os
 import shutil
@@ -37,8 +38,24 @@ def missing(webui: str) -> str | None:
     return cannot_import(python, "torch, gradio, fastapi, diffusers, safetensors", hint=f"run {python} install.py")
 
 
+@pytest.fixture(scope="module")
+def sd15(tmp_path_factory) -> tuple[Path, Path] | str:
+    """(an SD1.5 checkpoint with random weights in its real shapes, an offline hub cache with CLIP's
+    files), or why they cannot be made: the Hires. fix test generates with them."""
+    from bench.sd15 import offline_clip, sd15_shapes, tokenizer_folder, write_sd15_checkpoint
+
+    if missing("a1111"):
+        return f"the SD1.5 checkpoint's shapes come from A1111's model code: {missing('a1111')}"
+    tokenizers = tokenizer_folder(os.environ.get("COMFYUI_DIR"), os.environ.get("FORGE_DIR"))
+    if tokenizers is None:
+        return "CLIP's tokenizer files come from a host tree: set COMFYUI_DIR or FORGE_DIR"
+    folder = tmp_path_factory.mktemp("sd15")
+    shapes = sd15_shapes(os.environ["A1111_DIR"], os.environ["A1111_PYTHON"])
+    return write_sd15_checkpoint(folder / "sd15.safetensors", shapes), offline_clip(folder / "hf", tokenizers)
+
+
 @pytest.fixture(scope="module", params=sorted(WEBUIS))
-def webui(request, tmp_path_factory, tiny_bundle_path):
+def webui(request, tmp_path_factory, tiny_bundle_path, sd15):
     from bench.a1111_server import a1111
 
     name = request.param
@@ -47,10 +64,15 @@ def webui(request, tmp_path_factory, tiny_bundle_path):
     data = tmp_path_factory.mktemp(name)
     (data / "models" / "SMFSR").mkdir(parents=True)
     shutil.copy(tiny_bundle_path, data / "models" / "SMFSR" / "tiny.safetensors")
-    with a1111(data, os.environ[dir_var], os.environ[python_var], forge=name == "forge") as server:
-        server.name, server.python = name, os.environ[python_var]
-        # no cached results; every SMFSR setting at its default
-        server.call("/sdapi/v1/options", {"upscaling_max_images_in_cache": 0})
+    env = {}
+    if not isinstance(sd15, str):  # loaded on the first generation only (the web UIs load it lazily)
+        (data / "models" / "Stable-diffusion").mkdir(parents=True)
+        os.symlink(sd15[0], data / "models" / "Stable-diffusion" / sd15[0].name)
+        env["HF_HOME"] = str(sd15[1])
+    with a1111(data, os.environ[dir_var], os.environ[python_var], forge=name == "forge", env=env) as server:
+        server.name, server.python, server.sd15 = name, os.environ[python_var], sd15
+        # no cached results; every SMFSR setting at its default; no live previews (their model is a download)
+        server.call("/sdapi/v1/options", {"upscaling_max_images_in_cache": 0, "live_previews_enable": False})
         yield server
 
 
@@ -140,3 +162,24 @@ def test_forge_makes_room_through_its_memory_manager(webui, tmp_path):
         pytest.skip("Forge's memory manager: A1111 has none (its SD model moves only under --lowvram)")
     webui.extras(door_input(tmp_path), "SMFSR x4 (tiny)", 4)
     assert "SMFSR: Forge's memory manager unloaded its models" in webui.log()
+
+
+def test_hires_fix_with_smfsr_then_a_plain_generation(webui):
+    """Hires. fix VAE-encodes right after the upscale, with the web UI's SD model: SMFSR as its
+    upscaler must leave that model usable, for this generation and the next (a plain txt2img). A
+    random-weight SD1.5 at 64x64, one step, x2 in the hires pass."""
+    if isinstance(webui.sd15, str):
+        pytest.skip(webui.sd15)
+    payload = {"prompt": "a photo", "steps": 1, "width": 64, "height": 64, "sampler_name": "Euler", "seed": 1,
+               "cfg_scale": 1}
+    hires = {**payload, "enable_hr": True, "hr_upscaler": "SMFSR x4 (smfsr-small-x4)", "hr_scale": 2,
+             "hr_second_pass_steps": 1, "denoising_strength": 0.5,
+             # Forge's API fails without it (processing.py: 'Use same choices' not in None)
+             "hr_additional_modules": ["Use same choices"]}
+    started = len(webui.log())
+    for request, size in ((hires, (128, 128)), (payload, (64, 64))):
+        reply = webui.call("/sdapi/v1/txt2img", request, timeout=900)
+        assert len(reply["images"]) == 1
+        assert Image.open(io.BytesIO(base64.b64decode(reply["images"][0]))).size == size
+    log = webui.log()[started:]
+    assert "Traceback" not in log and "SMFSR:" not in log.replace("SMFSR: Forge's memory manager", ""), log[-3000:]
