@@ -3,6 +3,7 @@ in-process trainer. Fixtures live in conftest.py; this is a plain module, import
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -36,6 +37,28 @@ def tiny_bundle(seed: int = 0, preset: str = "tiny", **defaults) -> Bundle:
     perturb(bundle.vae, seed + 1, std=0.01)
     bundle.license, bundle.provenance = "test", "tests/helpers.py"
     return bundle
+
+
+def write_official_folder(root, model, with_dead_modules=True):
+    """The official release layout: <root>/transformer/config.json + diffusion_pytorch_model.safetensors."""
+    folder = root / "transformer"
+    folder.mkdir(parents=True)
+    official_keys = [k for k in model.config if k in (
+        "sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
+        "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
+        "pos_embed_max_size", "dual_attention_layers", "qk_norm")]
+    config = {"_class_name": "SD3Transformer2DModel_interval", "_diffusers_version": "0.30.0",
+              **{k: model.config[k] for k in official_keys}}
+    config["dual_attention_layers"] = list(config["dual_attention_layers"])
+    (folder / "config.json").write_text(json.dumps(config))
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if not with_dead_modules:
+        state = {k: v for k, v in state.items()
+                 if not k.startswith("interval_embedder.") and ".attn2.add_" not in k and k != "pos_embed.pos_embed"}
+    from safetensors.torch import save_file
+
+    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
+    return root
 
 
 def tiny_sd35_vae(seed: int = 0):

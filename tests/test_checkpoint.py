@@ -14,7 +14,7 @@ from smfsr.checkpoint import build_transformer, import_official_transformer, imp
 from smfsr.checkpoint.describe import describe
 from smfsr.errors import CheckpointError
 from smfsr.models import transformer_config
-from tests.helpers import perturb, tiny_bundle
+from tests.helpers import perturb, tiny_bundle, write_official_folder
 
 
 def run(model, seed=0, h=8, w=12):
@@ -77,26 +77,6 @@ def test_save_refuses_to_overwrite(tmp_path):
     with pytest.raises(CheckpointError, match="already exists"):
         save_bundle(path, tiny_bundle())
     assert path.read_bytes() == b"precious"
-
-
-def write_official_folder(root, model, with_dead_modules=True):
-    """The official release layout: <root>/transformer/config.json + diffusion_pytorch_model.safetensors."""
-    folder = root / "transformer"
-    folder.mkdir(parents=True)
-    official_keys = [k for k in model.config if k in (
-        "sample_size", "patch_size", "in_channels", "num_layers", "attention_head_dim", "num_attention_heads",
-        "joint_attention_dim", "caption_projection_dim", "pooled_projection_dim", "out_channels",
-        "pos_embed_max_size", "dual_attention_layers", "qk_norm")]
-    config = {"_class_name": "SD3Transformer2DModel_interval", "_diffusers_version": "0.30.0",
-              **{k: model.config[k] for k in official_keys}}
-    config["dual_attention_layers"] = list(config["dual_attention_layers"])
-    (folder / "config.json").write_text(json.dumps(config))
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    if not with_dead_modules:
-        state = {k: v for k, v in state.items()
-                 if not k.startswith("interval_embedder.") and ".attn2.add_" not in k and k != "pos_embed.pos_embed"}
-    save_file(state, str(folder / "diffusion_pytorch_model.safetensors"))
-    return root
 
 
 @pytest.mark.parametrize("dead", [True, False])

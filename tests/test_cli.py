@@ -138,7 +138,7 @@ def test_inputs_are_split_across_processes(tmp_path, tiny_bundle_path, monkeypat
 
 
 def test_convert_writes_a_bundle_from_official_parts(tmp_path, sample_png):
-    from tests.test_checkpoint import write_official_folder
+    from tests.helpers import write_official_folder
     from tests.helpers import tiny_sd35_vae
     import torch
     from safetensors.torch import save_file

@@ -209,7 +209,7 @@ def test_bundle_downloads_both_publishers_parts_and_converts_them_into_one_file(
     from smfsr.models import transformer_config
     from smfsr.pipeline import SMFSRUpscaler
     from tests.helpers import TINY_TEXT, save_tiny_sd3_text_encoders, tiny_sd35_vae
-    from tests.test_checkpoint import write_official_folder
+    from tests.helpers import write_official_folder
 
     text = save_tiny_sd3_text_encoders(tmp_path / "text")
     network = build_transformer(transformer_config("tiny-official", joint_attention_dim=TINY_TEXT["t5"],

@@ -94,7 +94,7 @@ def test_convert_with_sd35_makes_a_bundle_that_upscales(encoders, tmp_path):
     from smfsr.checkpoint import build_transformer
     from smfsr.models import transformer_config
     from smfsr.text_encoders import DEFAULT_PROMPT
-    from tests.test_checkpoint import write_official_folder
+    from tests.helpers import write_official_folder
 
     model = build_transformer(transformer_config("tiny-official", joint_attention_dim=TINY_TEXT["t5"],
                                                  pooled_projection_dim=TINY_TEXT["clip_l"] + TINY_TEXT["clip_g"]))

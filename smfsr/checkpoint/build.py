@@ -129,16 +129,24 @@ def filler(header: dict[str, tuple], prefix: str = "") -> Callable[[str, torch.n
     return lambda name, model: fill_transformer(name, model, stored)
 
 
+def sincos_1d(channels: int, positions: torch.Tensor) -> torch.Tensor:
+    """The 1-D sin-cos embedding of SD3's position table, (M, channels) in float64: channel k < C/2
+    is sin(p w_k), channel C/2 + k is cos(p w_k), with w_k = 10000^(-2k/C). (diffusers computes the
+    same, with a torch output only from 0.32; the doors run on 0.31.)"""
+    half = channels // 2
+    omega = 1.0 / 10000 ** (torch.arange(half, dtype=torch.float64) / half)
+    angles = positions.double().reshape(-1)[:, None] * omega[None, :]
+    return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
+
+
 def position_table(embed: torch.nn.Module, dtype: torch.dtype) -> torch.Tensor:
     """SD3's 2-D sin-cos table (1, n*n, D) for a diffusers ``PatchEmbed``, as it computes it, built
     straight into ``dtype``. It is separable: token (i, j) holds [f(x_j), f(y_i)], f the 1-D table
     of D/2 channels, so only the two 1-D tables are computed in float64 (SD3.5-medium's full table
     in float64 would be 1.8 GB)."""
-    from diffusers.models.embeddings import get_1d_sincos_pos_embed_from_grid
-
     n, dim = embed.pos_embed_max_size, embed.proj.out_channels
     coords = torch.arange(n, dtype=torch.float32) / (n / embed.base_size) / embed.interpolation_scale
-    one_d = get_1d_sincos_pos_embed_from_grid(dim // 2, coords, output_type="pt").float().to(dtype)  # (n, D/2)
+    one_d = sincos_1d(dim // 2, coords).float().to(dtype)  # (n, D/2)
     table = torch.empty(n, n, dim, dtype=dtype)
     table[:, :, : dim // 2] = one_d[None, :, :]  # x: the column
     table[:, :, dim // 2:] = one_d[:, None, :]  # y: the row
