@@ -1,6 +1,7 @@
 """Full size without the real weights: the random files in the real layouts (bench.layouts), the
-text encoders loaded one tensor at a time, and the full-size rehearsal through the CLI and a real
-ComfyUI (``python -m bench fullsize --depth 2``; it needs COMFYUI_DIR and writes about 12 GB)."""
+text encoders loaded one tensor at a time, and the full-size rehearsal through the CLI, a real
+ComfyUI, a real A1111 and the app (``python -m bench fullsize --depth 2``; it needs COMFYUI_DIR and
+A1111_DIR and writes about 14 GB)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from bench import layouts as L
 from smfsr.errors import SMFSRError
-from tests.helpers import REPO, cannot_import, host_marker, ldm_vae, save_tiny_sd3_text_encoders
+from tests.helpers import REPO, cannot_import, host_marker, ldm_vae, require_host, save_tiny_sd3_text_encoders
 
 COMFYUI_DIR = os.environ.get("COMFYUI_DIR")
 COMFYUI_PYTHON = os.environ.get("COMFYUI_PYTHON", sys.executable)
@@ -146,19 +147,26 @@ print(json.dumps({{"config": {{k: v for k, v in config.items() if k != "context_
 
 @needs_comfyui
 @pytest.mark.slow
-def test_fullsize_rehearsal_through_the_cli_and_comfyui(tmp_path):
+def test_fullsize_rehearsal_through_the_cli_comfyui_a1111_and_the_app(tmp_path):
     """The official path at full width (2 of 24 blocks; the text encoders at full size) through the
     CLI and a real ComfyUI with the shipped Stability-files workflow (T5 as Stability's fp8 file, the
-    low-memory choice): every door ok, memory as estimated."""
+    low-memory choice), and through a real A1111 and the app on the bundle `smfsr convert` makes of
+    the same files: every door ok, memory as estimated, the same pixels as the CLI's on the bundle."""
+    from tests.test_a1111 import missing
+
+    require_host(missing("a1111"))
     out = tmp_path / "fullsize"
-    run = subprocess.run([sys.executable, "-m", "bench", "fullsize", "--depth", "2", "--doors", "cli,comfyui",
-                          "--layouts", "stability_t5fp8", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
-                         timeout=2400)
+    run = subprocess.run([sys.executable, "-m", "bench", "fullsize", "--depth", "2", "--doors", "cli,comfyui,a1111,app",
+                          "--layouts", "stability_t5fp8,bundle", "--out", str(out)], cwd=REPO, capture_output=True,
+                         text=True, timeout=2400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     rows = {(r["door"], r["layout"]): r for r in summary["runs"]}
-    assert set(rows) == {("cli", "stability_t5fp8"), ("comfyui", "stability_t5fp8")}
+    assert set(rows) == {("cli", "stability_t5fp8"), ("comfyui", "stability_t5fp8"), ("convert", "stability_t5fp8"),
+                         ("cli", "bundle"), ("a1111", "bundle"), ("app", "bundle")}, set(rows)
     assert all(r["ok"] and r["error"] is None for r in rows.values()), rows
+    # the app runs this Python's torch: the CLI's pixels; A1111 its own torch 2.1.2: within a level
+    assert rows["app", "bundle"]["max_diff_vs_cli"] == 0 and rows["a1111", "bundle"]["max_diff_vs_cli"] <= 2, rows
     cli = rows["cli", "stability_t5fp8"]
     # the CLI's peak is its text encoders' loading peak (the 2-block transformer is small): as estimated
     assert cli["peak_rss_gib"] <= 1.15 * cli["encoders_gib"], cli
