@@ -1,6 +1,6 @@
 """The official path at full size through the doors, on random weights in the real shapes:
 
-    python -m bench fullsize --out DIR [--depth N] [--doors cli,python,comfyui,a1111,app]
+    python -m bench fullsize --out DIR [--depth N] [--doors cli,python,comfyui,a1111,forge,app]
                              [--layouts stability,stability_t5fp8,comfy_org,diffusers,bundle]
                              [--dtype auto|fp32|bf16|fp16|fp8] [--comfyui-dir D] [--a1111-dir D]
 
@@ -14,7 +14,7 @@ door on one 64x64 image to 256x256, each in a fresh process:
 - comfyui: a real ComfyUI server through its HTTP API with the shipped SD3.5 workflow for the
   layout (smfsr_sd35 for Stability's files, smfsr_sd35_all_in_one for Comfy-Org's), ComfyUI's own
   loaders and tokenizers;
-- a1111, app: a real A1111 web UI through its API (Extras) and the app (``smfsr app``) through
+- a1111, forge, app: a real A1111 or Forge web UI through its API (Extras) and the app (``smfsr app``) through
   gradio's client, on the bundle: the layout ``bundle``, made from Stability's files (fp8 T5) by
   ``smfsr convert`` (measured as the row ``convert``), as `smfsr download --bundle` makes it.
 DIR/summary.json: per door and layout ok/error (the message), wall time, peak RSS, the memory the
@@ -37,11 +37,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DOORS = ("cli", "python", "comfyui", "a1111", "app")
+DOORS = ("cli", "python", "comfyui", "a1111", "forge", "app")
 # stability_t5fp8: Stability's files with its t5xxl_fp8_e4m3fn instead of t5xxl_fp16 (the smfsr_sd35
 # workflow's default); bundle: `smfsr convert` of the official folder with Stability's files (fp8 T5)
 LAYOUTS = ("stability", "stability_t5fp8", "comfy_org", "diffusers", "bundle")
-DOOR_LAYOUTS = {"cli": LAYOUTS, "python": LAYOUTS[:4], "comfyui": LAYOUTS[:3], "a1111": ("bundle",),
+DOOR_LAYOUTS = {"cli": LAYOUTS, "python": LAYOUTS[:4], "comfyui": LAYOUTS[:3], "a1111": ("bundle",), "forge": ("bundle",),
                 "app": ("bundle",)}
 WORKFLOW = {"stability": "smfsr_sd35", "stability_t5fp8": "smfsr_sd35", "comfy_org": "smfsr_sd35_all_in_one"}
 BUNDLE_NAME = "smfsr_q"  # A1111 lists it as "SMFSR x4 (smfsr_q)", as the app does
@@ -215,20 +215,22 @@ def run_convert(paths: dict[str, Path], tokenizers: Path, work: Path, timeout: f
 
 
 def run_a1111(paths: dict[str, Path], image: Path, work: Path, dtype: str, a1111_dir: str, python: str,
-              timeout: float) -> dict:
-    """Extras in a real A1111 (API only, CPU) with the bundle in models/SMFSR, seed fixed."""
+              timeout: float, door: str = "a1111") -> dict:
+    """Extras in a real A1111, or Forge with ``door`` "forge" (API only, CPU), with the bundle in
+    models/SMFSR, seed fixed."""
     from bench.a1111_server import a1111
     from bench.comfyui_server import link_models
 
     compute, weights = DTYPES[dtype]
-    data = work / "a1111"
+    data = work / door
     link_models(data, {f"SMFSR/{BUNDLE_NAME}.safetensors": paths["bundle"]})
-    output = work / "a1111-bundle.png"
+    output = work / f"{door}-bundle.png"
     output.unlink(missing_ok=True)
-    row, error = {"door": "a1111", "layout": "bundle"}, None
+    row, error = {"door": door, "layout": "bundle"}, None
+    host = "Forge" if door == "forge" else "A1111"
     start = time.perf_counter()
     try:
-        with a1111(data, a1111_dir, python, no_half=compute in ("auto", "fp32")) as server:
+        with a1111(data, a1111_dir, python, no_half=compute in ("auto", "fp32"), forge=door == "forge") as server:
             row["startup_s"] = round(time.perf_counter() - start, 1)
             settings = {"upscaling_max_images_in_cache": 0, "smfsr_seed": SEED, "smfsr_weights": weights,
                         "smfsr_dtype": compute if compute != "fp32" else "auto"}  # fp32: --no-half
@@ -240,7 +242,7 @@ def run_a1111(paths: dict[str, Path], image: Path, work: Path, dtype: str, a1111
             except OSError as e:
                 error = f"{type(e).__name__}: {e}"
                 if server.process.poll() is not None:
-                    error = killed_or_exited("A1111", server.process.returncode, error)
+                    error = killed_or_exited(host, server.process.returncode, error)
             row["wall_s"] = round(time.perf_counter() - started, 1)
             try:
                 row["peak_rss_gib"] = round(server.peak_rss() / GiB, 2)
@@ -248,10 +250,11 @@ def run_a1111(paths: dict[str, Path], image: Path, work: Path, dtype: str, a1111
                 row["peak_rss_gib"] = None
     except RuntimeError as e:
         error = str(e)[-600:]
-    (work / "a1111-bundle.log").write_text((data / "webui.log").read_text(errors="replace"))
+    log = work / f"{door}-bundle.log"
+    log.write_text((data / "webui.log").read_text(errors="replace"))
     if error is None and output.exists() and is_lanczos(output, image):
         # A1111 answers a failed upscaler with a Lanczos resize and HTTP 200: the error is in its log
-        error = f"A1111 fell back to Lanczos: {last_error(work / 'a1111-bundle.log')}"
+        error = f"{host} fell back to Lanczos: {last_error(log)}"
     return {**row, **check_output(output, 0, None, error)}
 
 
@@ -464,6 +467,9 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--a1111-dir", default=os.environ.get("A1111_DIR"), help="an A1111 checkout for the a1111 "
                         "door (default $A1111_DIR)")
     parser.add_argument("--a1111-python", default=os.environ.get("A1111_PYTHON", sys.executable))
+    parser.add_argument("--forge-dir", default=os.environ.get("FORGE_DIR"), help="a Forge checkout for the forge door "
+                        "(default $FORGE_DIR)")
+    parser.add_argument("--forge-python", default=os.environ.get("FORGE_PYTHON", sys.executable))
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per door run")
     args = parser.parse_args(argv)
     args.doors = [d for d in args.doors.split(",") if d]
@@ -478,8 +484,11 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     if "a1111" in args.doors and not (args.a1111_dir and (Path(args.a1111_dir) / "launch.py").exists()):
         parser.error("the a1111 door needs an A1111 checkout (--a1111-dir or $A1111_DIR) with this extension's "
                      "requirements installed in its Python (--a1111-python, `python install.py`)")
-    if {"a1111", "app"} & set(args.doors) and "bundle" not in args.layouts:
-        parser.error("the a1111 and app doors run the bundle: add bundle to --layouts")
+    if "forge" in args.doors and not (args.forge_dir and (Path(args.forge_dir) / "launch.py").exists()):
+        parser.error("the forge door needs a Forge checkout (--forge-dir or $FORGE_DIR) with this extension's "
+                     "requirements installed in its Python (--forge-python, `python install.py`)")
+    if {"a1111", "forge", "app"} & set(args.doors) and "bundle" not in args.layouts:
+        parser.error("the a1111, forge and app doors run the bundle: add bundle to --layouts")
     if not args.comfyui_dir or not (Path(args.comfyui_dir) / "comfy" / "sd1_tokenizer").is_dir():
         parser.error("needs a ComfyUI checkout (--comfyui-dir or $COMFYUI_DIR): its tokenizer files serve every "
                      "door, and the comfyui door runs it")
@@ -513,12 +522,14 @@ def main(argv: list[str] | None = None) -> int:
             row = run_convert(paths, tokenizers, out, args.timeout)
         elif door == "a1111":
             row = run_a1111(paths, image, out, args.dtype, args.a1111_dir, args.a1111_python, args.timeout)
+        elif door == "forge":
+            row = run_a1111(paths, image, out, args.dtype, args.forge_dir, args.forge_python, args.timeout, "forge")
         elif door == "app":
             row = run_app(paths, image, out, args.dtype, args.timeout)
         else:
             row = run_subprocess_door(door, layout, paths, tokenizers, image, out, args.dtype, args.timeout)
         row.update(announced(door, layout, paths, tokenizers, args.dtype))
-        if layout == "bundle" and door in ("a1111", "app"):  # the same bundle and seed as the CLI's row
+        if layout == "bundle" and door in ("a1111", "forge", "app"):  # the same bundle and seed as the CLI's row
             row["max_diff_vs_cli"] = max_difference(out / f"{door}-bundle.png", out / "cli-bundle.png")
         say(f"  {'ok' if row['ok'] else 'FAILED: ' + row['error']} ({row.get('wall_s')} s, "
             f"peak {row.get('peak_rss_gib')} GiB)")

@@ -195,7 +195,14 @@ class SMFSRUpscaler:
         """What runs for these options: the model's defaults fill what they leave open."""
         if isinstance(options, Settings):
             return options
-        return (options or UpscaleOptions()).resolve(self.defaults, self.patch_size)
+        settings = (options or UpscaleOptions()).resolve(self.defaults, self.patch_size)
+        if settings.steps == 1 and not self.transformer.is_average_velocity:
+            # an official DiT4SR folder picked instead of SMFSR's: its defaults say one step
+            raise SMFSRError(f"{self.bundle.source or 'this model'} is a flow teacher (DiT4SR's multi-step network), not "
+                             "the one-step SMFSR network: one Euler step of it is no result. Choose the SMFSR weights "
+                             "(smfsr_q or smfsr_f: `smfsr download smfsr_q`), or run the teacher with ${steps} set "
+                             "to 20 or more")
+        return settings
 
     def text(self, batch: int, embeds: torch.Tensor | None = None,
              pooled: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

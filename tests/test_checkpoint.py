@@ -14,7 +14,7 @@ from smfsr.checkpoint import build_transformer, import_official_transformer, imp
 from smfsr.checkpoint.describe import describe
 from smfsr.errors import CheckpointError
 from smfsr.models import transformer_config
-from tests.helpers import perturb, tiny_bundle, write_official_folder
+from tests.helpers import perturb, tiny_bundle, tiny_sd35_vae, write_official_folder
 
 
 def run(model, seed=0, h=8, w=12):
@@ -262,3 +262,25 @@ def test_a_foreign_vae_with_the_same_channels_is_refused_by_name(tmp_path):
     assert holds_flux_mmdit(flux_file) and not holds_flux_mmdit(sd35_file)
     assert infer_vae_config(shapes, flux=True)["scaling_factor"] == FLUX_VAE_SCALE
     assert infer_vae_config(shapes)["scaling_factor"] == SD35_VAE_SCALE
+
+
+def test_the_teacher_folder_given_as_the_student_says_which_is_which(tmp_path):
+    """The official release's DiT4SR teacher folder picked instead of smfsr_q: one step of a flow
+    model is no result, so the doors refuse it and name both ways out."""
+    from smfsr.errors import CLI_NAMES, SMFSRError, door_message
+    from smfsr.options import UpscaleOptions
+    from smfsr.pipeline import SMFSRUpscaler
+
+    model = build_transformer(transformer_config("tiny-official-teacher"))
+    root = write_official_folder(tmp_path / "dit4sr_q", model)
+    save_file({"embeds": torch.randn(1, 5, model.config.joint_attention_dim),
+               "pooled": torch.randn(1, model.config.pooled_projection_dim)}, str(root / "prompt.safetensors"))
+    tiny_sd35_vae().save_pretrained(root / "vae", safe_serialization=True)
+    up = SMFSRUpscaler.from_pretrained(root, device="cpu")
+    x = torch.rand(1, 3, 24, 32)
+    with pytest.raises(SMFSRError) as caught:
+        up(x)
+    message = door_message(caught.value, CLI_NAMES)
+    assert "is a flow teacher (DiT4SR's multi-step network), not the one-step SMFSR network" in message
+    assert "`smfsr download smfsr_q`" in message and "--steps set to 20 or more" in message
+    assert up(x, UpscaleOptions(steps=2)).shape == (1, 3, 96, 128)  # as a teacher, on purpose
