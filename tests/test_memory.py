@@ -35,3 +35,15 @@ def test_no_limit_leaves_the_machines_free_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(memory, "CGROUP_FILES", unlimited)
     free = memory.free_host_bytes()
     assert free is not None and free > 0
+
+
+def test_a_bundles_rebuilt_position_table_is_counted(tmp_path):
+    """Bundles leave out the standard sin-cos table; the load rebuilds it in the network's dtype."""
+    from smfsr.checkpoint.bundle import save_bundle
+    from tests.helpers import tiny_bundle
+
+    bundle = tiny_bundle()
+    path = save_bundle(tmp_path / "b.safetensors", bundle)
+    table = bundle.transformer.pos_embed.pos_embed
+    counted = [t for t in memory.stored_tensors(path) if t[1] == table.numel()]
+    assert counted == [(True, table.numel(), "F32")]
