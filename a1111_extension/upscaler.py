@@ -42,7 +42,8 @@ class UpscalerSMFSR(Upscaler):  # the name gives --smfsr-models-path (cmd_opts.s
         key = (path, runtime)
         if self.cached is None or self.cached[0] != key:
             self.cached = None
-            self.cached = (key, SMFSRUpscaler.from_pretrained(path, runtime=runtime))
+            with host_model_load_finished():
+                self.cached = (key, SMFSRUpscaler.from_pretrained(path, runtime=runtime))
         return self.cached[1]
 
     def do_upscale(self, img: Image.Image, selected_model: str) -> Image.Image:
@@ -63,6 +64,20 @@ class UpscalerSMFSR(Upscaler):  # the name gives --smfsr-models-path (cmd_opts.s
             message = door_message(e, logic.SETTING_NAMES)
             shared.state.textinfo = f"SMFSR: {message}"
             raise SMFSRError(message) from None
+
+
+def host_model_load_finished():
+    """A1111 builds its SD model under InitializeOnMeta, which puts the weights of every Linear and
+    Conv2d made meanwhile, in any thread, on the meta device; it loads the model in a background
+    thread at start-up, holding ``model_data.lock``. An upscale right after start-up would build SMFSR
+    with meta weights ("Cannot copy out of meta tensor"): its networks are built under the same lock,
+    so after that load."""
+    from contextlib import nullcontext
+
+    from modules import sd_models
+
+    lock = getattr(getattr(sd_models, "model_data", None), "lock", None)  # Forge loads differently
+    return lock if lock is not None else nullcontext()
 
 
 def settings() -> dict:
