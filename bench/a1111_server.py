@@ -12,7 +12,7 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
-from bench.comfyui_server import REPO, free_port
+from bench.comfyui_server import REPO, free_port, peak_rss, stop
 
 
 class WebUI:
@@ -40,8 +40,7 @@ class WebUI:
 
     def peak_rss(self) -> int:
         """The web UI's peak resident memory so far (bytes; Linux)."""
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+        return peak_rss(self.process.pid)
 
 
 @contextmanager
@@ -77,9 +76,5 @@ def a1111(data: Path, a1111_dir: str | os.PathLike, python: str, *, no_half: boo
                 time.sleep(1)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()

@@ -69,8 +69,22 @@ class Comfy:
 
     def peak_rss(self) -> int:
         """The server's peak resident memory so far (bytes; Linux)."""
-        status = Path(f"/proc/{self.process.pid}/status").read_text()
-        return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+        return peak_rss(self.process.pid)
+
+
+def peak_rss(pid: int) -> int:
+    """A process's peak resident memory so far (bytes; Linux's VmHWM)."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return next(int(line.split()[1]) * 1024 for line in status.splitlines() if line.startswith("VmHWM"))
+
+
+def stop(process: subprocess.Popen, grace: float = 30) -> None:
+    """Terminate a server, killing it if it has not exited after ``grace`` seconds."""
+    process.terminate()
+    try:
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        process.kill()
 
 
 def error_message(entry: dict) -> str | None:
@@ -120,11 +134,7 @@ def comfyui(base: Path, comfyui_dir: str | os.PathLike, python: str, timeout: fl
                 time.sleep(0.5)
         yield server
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop(proc)
         log.close()
 
 

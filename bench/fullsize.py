@@ -262,7 +262,7 @@ def run_app(paths: dict[str, Path], image: Path, work: Path, dtype: str, timeout
     """The app as a user starts it (`smfsr app --model BUNDLE`), driven through gradio's client."""
     from gradio_client import Client, handle_file
 
-    from bench.comfyui_server import free_port
+    from bench.comfyui_server import free_port, peak_rss, stop
 
     compute, weights = DTYPES[dtype]
     output = work / "app-bundle.png"
@@ -295,19 +295,13 @@ def run_app(paths: dict[str, Path], image: Path, work: Path, dtype: str, timeout
                     error = killed_or_exited("the app", proc.returncode, error)
             row["wall_s"] = round(time.perf_counter() - started, 1)
             try:
-                status_text = Path(f"/proc/{proc.pid}/status").read_text()
-                row["peak_rss_gib"] = round(next(int(line.split()[1]) * 1024 for line in status_text.splitlines()
-                                                 if line.startswith("VmHWM")) / GiB, 2)
+                row["peak_rss_gib"] = round(peak_rss(proc.pid) / GiB, 2)
             except (OSError, StopIteration):
                 row["peak_rss_gib"] = None
         except RuntimeError as e:
             error = str(e)
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+            stop(proc)
     return {**row, **check_output(output, 0, None, error)}
 
 
