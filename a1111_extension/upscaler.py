@@ -54,7 +54,7 @@ class UpscalerSMFSR(Upscaler):  # the name gives --smfsr-models-path (cmd_opts.s
                 options = logic.options(s, self.scale)
                 line = upscaler.announcement(img.height, img.width, options)
                 if line:  # a long job: said on the console and in the progress text before it starts
-                    log.warning("SMFSR: %s", line)
+                    log.warning("%s", line)
                     shared.state.textinfo = f"SMFSR: {line}"
                 return upscaler.upscale_image(from_pil(img), options, progress=report_progress)
         except Interrupted:
@@ -64,6 +64,17 @@ class UpscalerSMFSR(Upscaler):  # the name gives --smfsr-models-path (cmd_opts.s
             message = door_message(e, logic.SETTING_NAMES)
             shared.state.textinfo = f"SMFSR: {message}"
             raise SMFSRError(message) from None
+
+
+def console_log() -> None:
+    """SMFSR's messages on the web UI's console, "SMFSR: "-prefixed, information included (A1111
+    leaves logging unconfigured unless asked: only warnings would show, unprefixed)."""
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stdout)
+        handler.setFormatter(logging.Formatter("SMFSR: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def host_model_load_finished():

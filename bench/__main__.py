@@ -1,7 +1,8 @@
 """``python -m bench [--quick] [--only NAME ...] [--no-write]``: run the comparisons, print tables,
 append them to bench/RESULTS.md with the date, machine and commit.
 ``python -m bench fullsize ...``: the official path at full size through the doors (its own options);
-``python -m bench conditioning ...``: ComfyUI's SD3 conditioning next to the project's prompt embedding."""
+``python -m bench conditioning ...``: ComfyUI's SD3 conditioning next to the project's prompt embedding;
+``python -m bench memory ...``: each door's memory estimate against the peak it reaches."""
 
 from __future__ import annotations
 
@@ -25,7 +26,8 @@ COMPARISONS = {
 
 
 TOOLS = {"fullsize": "bench.fullsize",  # rehearsals with their own options and output folder
-         "conditioning": "bench.conditioning"}
+         "conditioning": "bench.conditioning",
+         "memory": "bench.memory"}  # each door's memory estimate against its measured peak
 
 
 def main() -> None:

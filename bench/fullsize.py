@@ -215,18 +215,19 @@ def run_convert(paths: dict[str, Path], tokenizers: Path, work: Path, timeout: f
 
 
 def run_a1111(paths: dict[str, Path], image: Path, work: Path, dtype: str, a1111_dir: str, python: str,
-              timeout: float, door: str = "a1111") -> dict:
-    """Extras in a real A1111, or Forge with ``door`` "forge" (API only, CPU), with the bundle in
-    models/SMFSR, seed fixed."""
+              timeout: float, door: str = "a1111", model: Path | None = None, tag: str = "bundle") -> dict:
+    """Extras in a real A1111, or Forge with ``door`` "forge" (API only, CPU), with the bundle (or
+    ``model``, its rows and files named by ``tag``) in models/SMFSR, seed fixed."""
     from bench.a1111_server import a1111
     from bench.comfyui_server import link_models
 
     compute, weights = DTYPES[dtype]
+    model = model or paths["bundle"]
     data = work / door
-    link_models(data, {f"SMFSR/{BUNDLE_NAME}.safetensors": paths["bundle"]})
-    output = work / f"{door}-bundle.png"
+    link_models(data, {f"SMFSR/{model.name}": model})
+    output = work / f"{door}-{tag}.png"
     output.unlink(missing_ok=True)
-    row, error = {"door": door, "layout": "bundle"}, None
+    row, error = {"door": door, "layout": tag}, None
     host = "Forge" if door == "forge" else "A1111"
     start = time.perf_counter()
     try:
@@ -235,43 +236,49 @@ def run_a1111(paths: dict[str, Path], image: Path, work: Path, dtype: str, a1111
             settings = {"upscaling_max_images_in_cache": 0, "smfsr_seed": SEED, "smfsr_weights": weights,
                         "smfsr_dtype": compute if compute != "fp32" else "auto"}  # fp32: --no-half
             server.call("/sdapi/v1/options", settings)
+            said_before = len(server.log())
             started = time.perf_counter()
             try:
-                output.write_bytes(server.extras(image, f"SMFSR x4 ({BUNDLE_NAME})", SIZE_OUT / SIZE_IN,
+                output.write_bytes(server.extras(image, f"SMFSR x4 ({model.stem})", SIZE_OUT / SIZE_IN,
                                                  timeout=timeout))
             except OSError as e:
                 error = f"{type(e).__name__}: {e}"
                 if server.process.poll() is not None:
                     error = killed_or_exited(host, server.process.returncode, error)
             row["wall_s"] = round(time.perf_counter() - started, 1)
+            said = server.log()[said_before:]
             try:
                 row["peak_rss_gib"] = round(server.peak_rss() / GiB, 2)
             except (OSError, StopIteration):
                 row["peak_rss_gib"] = None
     except RuntimeError as e:
-        error = str(e)[-600:]
-    log = work / f"{door}-bundle.log"
+        error, said = str(e)[-600:], ""
+    log = work / f"{door}-{tag}.log"
     log.write_text((data / "webui.log").read_text(errors="replace"))
-    if error is None and output.exists() and is_lanczos(output, image):
+    if error is None and output.exists() and "Traceback" in said and is_lanczos(output, image):
         # A1111 answers a failed upscaler with a Lanczos resize and HTTP 200: the error is in its log
+        # (an output close to Lanczos alone is no failure: a smooth input upscales close to it)
         error = f"{host} fell back to Lanczos: {last_error(log)}"
     return {**row, **check_output(output, 0, None, error)}
 
 
-def run_app(paths: dict[str, Path], image: Path, work: Path, dtype: str, timeout: float) -> dict:
-    """The app as a user starts it (`smfsr app --model BUNDLE`), driven through gradio's client."""
+def run_app(paths: dict[str, Path], image: Path, work: Path, dtype: str, timeout: float, model: Path | None = None,
+            tag: str = "bundle") -> dict:
+    """The app as a user starts it (`smfsr app --model BUNDLE`, or ``model``, its rows and files named
+    by ``tag``), driven through gradio's client."""
     from gradio_client import Client, handle_file
 
     from bench.comfyui_server import free_port, peak_rss, stop
 
     compute, weights = DTYPES[dtype]
-    output = work / "app-bundle.png"
+    model = model or paths["bundle"]
+    output = work / f"app-{tag}.png"
     output.unlink(missing_ok=True)
     port = free_port()
-    log_path = work / "app-bundle.log"
-    row, error = {"door": "app", "layout": "bundle"}, None
+    log_path = work / f"app-{tag}.log"
+    row, error = {"door": "app", "layout": tag}, None
     with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, "-c", CLI, "app", "--model", str(paths["bundle"]), "--device", "cpu",
+        proc = subprocess.Popen([sys.executable, "-c", CLI, "app", "--model", str(model), "--device", "cpu",
                                  "--dtype", compute, "--weights", weights, "--port", str(port)],
                                 stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
         start, client = time.perf_counter(), None
@@ -286,7 +293,7 @@ def run_app(paths: dict[str, Path], image: Path, work: Path, dtype: str, timeout
             row["startup_s"] = round(time.perf_counter() - start, 1)
             started = time.perf_counter()
             try:
-                _, downloads, status = client.predict([handle_file(str(image))], f"SMFSR x4 ({BUNDLE_NAME})",
+                _, downloads, status = client.predict([handle_file(str(image))], f"SMFSR x4 ({model.stem})",
                                                       SIZE_OUT / SIZE_IN, SEED, 0, 0, "auto", api_name="/upscale")
                 output.write_bytes(Path(downloads[0]).read_bytes())
             except Exception as e:  # gradio_client raises its own AppError with the page's message

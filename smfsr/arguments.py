@@ -108,6 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--max-pixels", type=_number(int, "--max-pixels", 1, inclusive=True), default=8192 * 8192,
                     help="refuse larger inputs (default 64 MP)")
     up.add_argument("-q", "--quiet", action="store_true")
+    up.add_argument("-v", "--verbose", action="store_true",
+                    help="also say what each model needs in memory (estimated before it loads) and other details")
     up.add_argument("--debug", action="store_true", help="print tracebacks for unexpected errors")
     add_text_encoder_arguments(up)
     up.set_defaults(command="upscale")

@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "download":  # the one command that uses the network, when the user runs it
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
+    if getattr(args, "verbose", False) or args.command == "app":  # a server says what it loads on its console
+        logging.getLogger("smfsr").setLevel(logging.INFO)
     try:
         return COMMANDS[args.command](args)
     except SMFSRError as e:

@@ -368,7 +368,7 @@ def load_prepared(path: str | os.PathLike | None, runtime: Runtime, *, vae: str 
     without a VAE is fine here; a host that brings its own VAE (ComfyUI's) loads through this."""
     runtime = runtime.resolved()
     path = resolve_model(path) if path is not None else default_model_path()
-    check_fits(path, runtime, gpu=place)  # from the header and free memory, before the weights load
+    log.info(check_fits(path, runtime, gpu=place).describe())  # from the header and free memory, before the load
     # straight into the compute dtype (fp8 is quantized from the stored precision, so read as stored)
     bundle = load_model(path, dtype=None if runtime.weights == "fp8" else runtime.dtype)
     if vae is not None:

@@ -53,3 +53,19 @@ with tempfile.TemporaryDirectory() as tmp:
         print("ldm vae", torch.allclose(single.encoder(x), vae.encoder(x), atol=1e-5))
     out = SMFSRUpscaler.from_pretrained(path, device="cpu")(torch.rand(1, 3, 24, 32), UpscaleOptions())
     print("upscale", tuple(out.shape), bool(torch.isfinite(out).all()))
+
+# SD3.5-medium's config built on the meta device, as every load does first: nothing allocated
+# (diffusers < 0.32 computes the 384^2 x 1536 position table in numpy float64 as it builds: 3.4 GB)
+from smfsr.checkpoint.build import on_meta  # noqa: E402
+
+
+def peak_bytes() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmHWM"))
+
+
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")  # the peak starts again from what is resident now
+before = peak_bytes()
+big = on_meta(lambda: build_transformer(transformer_config("sd35-medium")))
+print("meta build MiB", (peak_bytes() - before) // 2**20, big.pos_embed.pos_embed.is_meta)

@@ -27,3 +27,5 @@ def test_the_official_paths_run_on_the_web_uis_torch_and_diffusers(webui):
         assert lines["versions"].split()[1] == "0.31.0", lines  # the declared floor
     assert lines["official"] == "folder True" and lines["bundle"] == "True True", run.stdout
     assert lines["ldm"] == "vae True" and lines["upscale"] == "(1, 3, 96, 128) True", run.stdout
+    megabytes, meta = lines["meta"].split()[-2:]  # "build MiB N True"
+    assert int(megabytes) < 100 and meta == "True", run.stdout  # was 3.4 GB on diffusers 0.31

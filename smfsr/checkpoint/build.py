@@ -7,6 +7,7 @@ device and adopt the file's tensors, so loading allocates memory once.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import re
 from pathlib import Path
@@ -27,11 +28,49 @@ OPTIONAL_TRANSFORMER_KEYS = re.compile(
 )
 
 
+@contextlib.contextmanager
+def numpy_tables_as_views():
+    """diffusers before 0.32 computes PatchEmbed's 2-D sin-cos table in numpy float64 as the module
+    is built, even on the meta device (SD3.5-medium's: 1.8 GB, 3.4 GB at its peak, seconds of CPU;
+    measured on Forge's diffusers 0.31). The table is rebuilt from the file or by ``position_table``
+    anyway, so while building it is a zero-stride view of one value (``on_meta`` makes it meta)."""
+    import numpy as np
+
+    try:
+        from diffusers.models import embeddings
+    except ImportError:
+        yield
+        return
+    original = embeddings.get_2d_sincos_pos_embed
+
+    def view(embed_dim, grid_size, *args, output_type="np", **kwargs):
+        if output_type != "np":  # diffusers >= 0.32 asks for torch: computed on the meta device, free
+            return original(embed_dim, grid_size, *args, output_type=output_type, **kwargs)
+        h, w = (grid_size, grid_size) if isinstance(grid_size, int) else grid_size
+        return np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (h * w, embed_dim), (0, 0))
+
+    embeddings.get_2d_sincos_pos_embed = view
+    try:
+        yield
+    finally:
+        embeddings.get_2d_sincos_pos_embed = original
+
+
+def on_meta(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
+    """``build()`` on the meta device: no memory is allocated, by torch or by diffusers' numpy."""
+    with torch.device("meta"), numpy_tables_as_views():
+        module = build()
+    for owner in module.modules():
+        for name, buffer in list(owner.named_buffers(recurse=False)):
+            if buffer is not None and not buffer.is_meta and buffer.numel() > 1 and not any(buffer.stride()):
+                owner.register_buffer(name, torch.empty_like(buffer, device="meta"),
+                                      persistent=name not in owner._non_persistent_buffers_set)
+    return module
+
+
 def expected_shapes(build: Callable[[], torch.nn.Module]) -> dict[str, tuple[int, ...]]:
     """The state-dict shapes of a module, built on the meta device (no memory is allocated)."""
-    with torch.device("meta"):
-        module = build()
-    return {k: tuple(v.shape) for k, v in module.state_dict().items()}
+    return {k: tuple(v.shape) for k, v in on_meta(build).state_dict().items()}
 
 
 def check_state(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], *, what: str,
@@ -92,8 +131,7 @@ def load_into(build: Callable[[], torch.nn.Module], tensors: dict[str, torch.Ten
               fill: Callable[[str, torch.nn.Module], torch.Tensor] | None = None) -> torch.nn.Module:
     """Build on meta, adopt the (already checked) tensors, and ``fill`` any optional tensor the
     file lacked."""
-    with torch.device("meta"):
-        module = build()
+    module = on_meta(build)
     module.load_state_dict(tensors, strict=False, assign=True)
     for name, tensor in list(module.state_dict(keep_vars=True).items()):
         if tensor.is_meta:

@@ -21,7 +21,7 @@ import torch
 from ..atomic import write_atomically
 from ..errors import CheckpointError
 from .build import OPTIONAL_TRANSFORMER_KEYS, build_transformer, build_vae, check_state, expected_shapes, \
-    fill_transformer, filler, load_into
+    fill_transformer, filler, load_into, on_meta
 from .defaults import PipelineDefaults
 from .peek import FORMAT_VERSION, read_bundle_info
 from .safe_read import load_tensors, read_header
@@ -135,8 +135,7 @@ def load_bundle(path: str | os.PathLike, *, device: str | torch.device = "cpu",
     optional = re.compile(r"^transformer\.(" + OPTIONAL_TRANSFORMER_KEYS.pattern.strip("^$") + r")$")
     check_state(expected, shapes, what="SMFSR bundle", path=path, optional=optional)
     if weights:
-        with torch.device("meta"):
-            names = quantized_layer_names(make_transformer())
+        names = quantized_layer_names(on_meta(make_transformer))
         check_fp8_tensors({k[len("transformer."):]: v for k, v in info.header.items() if k.startswith("transformer.")},
                           names, path, weights.get("scale", "channel"))
     if len(prompt_keys) == 1:

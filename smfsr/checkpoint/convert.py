@@ -50,7 +50,7 @@ def convert(transformer: str | os.PathLike, output: str | os.PathLike, *, vae: s
     # read straight into the stored dtype (fp8 is quantized from the file's precision)
     storage = STORAGE_DTYPES[dtype]
     check_host_fits(transformer, storage, weights == "fp8", ["--dtype fp16 (half of fp32)"] * (storage == torch.float32),
-                    doing="to convert")
+                    doing="to convert", runs=False)
     read_as = None if weights == "fp8" else storage
     source = load_bundle(transformer, dtype=read_as) if Path(transformer).is_file() else None
     network = source.transformer if source is not None else import_official_transformer(transformer, read_as)
