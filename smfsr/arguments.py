@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
                          "many as free GPU memory needs (default 0)")
     up.add_argument("--compile", action="store_true", help="torch.compile the networks (pays off for many images)")
     up.add_argument("--rgb", action="store_true", help="write RGB even for grayscale inputs (default: like the input)")
+    up.add_argument("--compare", action="store_true", help="also write NAME_compare.png beside each result: the input "
+                    "resized with bicubic | the result, side by side")
     exists = up.add_mutually_exclusive_group()
     exists.add_argument("--overwrite", action="store_true", help="replace existing output files")
     exists.add_argument("--skip-existing", action="store_true", help="skip inputs whose output exists")

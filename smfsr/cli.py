@@ -117,6 +117,8 @@ def upscale_jobs(args: argparse.Namespace, model, settings, defaults, jobs: list
             except OSError as e:
                 raise SMFSRError(f"could not write {job.target} ({e.strerror or e}); nothing was written") from None
             _say(args, f"{label} -> {job.target} ({result.width}x{result.height})")
+            if args.compare:
+                _write_comparison(args, label, job, result)
         except SMFSRError as e:
             failures += 1
             print(f"error: {label}: {e}", file=sys.stderr)
@@ -126,6 +128,23 @@ def upscale_jobs(args: argparse.Namespace, model, settings, defaults, jobs: list
             if args.debug:
                 traceback.print_exc()
     return failures
+
+
+def _write_comparison(args: argparse.Namespace, label: str, job, result) -> None:
+    """The side-by-side beside the result; one the user has is kept unless --overwrite."""
+    from .batch import write_png
+    from .compare import compare_path, side_by_side
+    from .imageio import open_image
+
+    target = compare_path(job.target)
+    if target.exists() and not args.overwrite:
+        print(f"warning: {label}: {target} already exists, not replaced (use --overwrite)", file=sys.stderr)
+        return
+    try:
+        write_png(side_by_side(open_image(job.source, max_pixels=args.max_pixels), result), target)
+    except OSError as e:
+        raise SMFSRError(f"could not write {target} ({e.strerror or e})") from None
+    _say(args, f"{label} -> {target} (bicubic | SMFSR)")
 
 
 class _progress_bar:

@@ -168,3 +168,29 @@ def test_vae_tile_flag(tmp_path, tiny_bundle_path, sample_png, flag, capsys):
     assert main(["upscale", str(sample_png), "-o", str(reference), "--model", str(tiny_bundle_path), "-q"]) == 0
     a, b = np.asarray(Image.open(out)).astype(int), np.asarray(Image.open(reference)).astype(int)
     assert np.abs(a - b).max() <= 1  # exact tiling: equal up to 8-bit rounding
+
+
+def test_compare_writes_bicubic_and_the_result_side_by_side(tmp_path, tiny_bundle_path, sample_png):
+    """--compare: NAME_compare.png beside the result, (bicubic | result) at the result's size with a
+    gap; the result's pixels are the right panel's; an existing one is kept without --overwrite."""
+    import numpy as np
+    from PIL import Image
+
+    from smfsr.compare import GAP
+
+    out = tmp_path / "out.png"
+    run = smfsr("upscale", sample_png, "-o", out, "--model", tiny_bundle_path, "--compare")
+    assert run.returncode == 0, run.stderr
+    result = np.asarray(Image.open(out).convert("RGB"))
+    pair = np.asarray(Image.open(tmp_path / "out_compare.png"))
+    h, w, _ = result.shape
+    assert pair.shape == (h, 2 * w + GAP, 3)
+    right = pair[:, w + GAP:]
+    assert (right[30:] == result[30:]).all()  # below the label
+    bicubic = np.asarray(Image.open(sample_png).convert("RGB").resize((w, h), Image.Resampling.BICUBIC))
+    assert (pair[30:, :w] == bicubic[30:]).all() and (pair[:, w:w + GAP] == 255).all()
+    (tmp_path / "mine_compare.png").write_bytes(b"mine")
+    run = smfsr("upscale", sample_png, "-o", tmp_path / "mine.png", "--model", tiny_bundle_path, "--compare")
+    assert run.returncode == 0 and (tmp_path / "mine.png").exists(), run.stderr
+    assert (tmp_path / "mine_compare.png").read_bytes() == b"mine"
+    assert "mine_compare.png already exists, not replaced (use --overwrite)" in run.stderr
