@@ -244,7 +244,7 @@ def test_the_shipped_workflow_runs_the_default_model_as_is(comfy):
     assert truncation_mismatches(got, result) == 0
 
 
-@pytest.mark.parametrize("workflow", ["smfsr_sd35", "smfsr_sd35_all_in_one"])
+@pytest.mark.parametrize("workflow", ["smfsr_sd35", "smfsr_sd35_all_in_one", "smfsr_sd35_dual_clip"])
 def test_sd35_workflows_are_valid_and_ask_only_for_the_missing_weights(comfy, workflow):
     status, reply = comfy.post("/prompt", {"prompt": api_workflow(workflow, image="example.png")})
     assert status == 400

@@ -23,6 +23,7 @@ WIDGETS = {
     "SaveImage": ["filename_prefix"],
     "CheckpointLoaderSimple": ["ckpt_name"],
     "TripleCLIPLoader": ["clip_name1", "clip_name2", "clip_name3"],
+    "DualCLIPLoader": ["clip_name1", "clip_name2", "type", "device"],
     "SMFSRCheckpointVAELoader": ["ckpt_name"],
     "SMFSRCheckpointCLIPLoader": ["ckpt_name"],
     "CLIPTextEncode": ["text"],
@@ -49,6 +50,7 @@ SOCKETS_OUT = {
     "LoadImage": [("IMAGE", "IMAGE"), ("MASK", "MASK")],
     "CheckpointLoaderSimple": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
     "TripleCLIPLoader": [("CLIP", "CLIP")],
+    "DualCLIPLoader": [("CLIP", "CLIP")],
     "SMFSRCheckpointVAELoader": [("VAE", "VAE")],
     "SMFSRCheckpointCLIPLoader": [("CLIP", "CLIP")],
     "CLIPTextEncode": [("CONDITIONING", "CONDITIONING")],
@@ -175,6 +177,21 @@ SD35_ALL_IN_ONE_NOTE = (
     + SMFSR_FILE
 )
 
+SD35_DUAL_CLIP_NOTE = (
+    "For machines without room for T5-XXL (4.9 GB in fp8): CLIP-L and CLIP-G only (Dual CLIP loader, type sd3), "
+    "77 tokens of conditioning instead of 154. The official model was trained and run with T5: expect outputs "
+    "further from the official ones than smfsr_sd35's. Measured only with random weights in the real shapes "
+    "(python -m bench conditioning, bench/RESULTS.md): the output is 50.9 dB PSNR from smfsr_sd35's, 4 levels at most; "
+    "what dropping T5 does to the trained model's output is not measured yet. T5-XXL (its 4.9 GB file) is not "
+    "loaded.\n"
+    "Files to download (nothing is fetched for you), as Stability publishes them (gated: accept the licence at "
+    f"{STABILITY}):\n"
+    "- models/checkpoints/sd3.5_medium.safetensors (only its VAE is read, by SMFSR VAE from Checkpoint)\n"
+    "- models/text_encoders/clip_l.safetensors (0.25 GB) and clip_g.safetensors (1.4 GB), from the same "
+    "repository's text_encoders/ folder\n"
+    + SMFSR_FILE
+)
+
 
 def sd35_chain(clip: tuple[int, int], vae: tuple[int, int], note: str) -> list[Node]:
     """The SMFSR nodes of an SD3.5 graph, given where CLIP and VAE come from (node id, output)."""
@@ -207,6 +224,19 @@ def sd35() -> list[Node]:
     ]
 
 
+def sd35_dual_clip() -> list[Node]:
+    """smfsr_sd35 without T5: CLIP-L and CLIP-G through ComfyUI's DualCLIPLoader (small machines)."""
+    return [
+        Node(1, "SMFSRCheckpointVAELoader", {"ckpt_name": "sd3.5_medium.safetensors"}, (0, 0),
+             models=[{"name": "sd3.5_medium.safetensors", "directory": "checkpoints", "url": STABILITY}]),
+        Node(11, "DualCLIPLoader", {"clip_name1": "clip_l.safetensors", "clip_name2": "clip_g.safetensors",
+                                    "type": "sd3", "device": "default"}, (0, 120),
+             models=[{"name": n, "directory": "text_encoders", "url": STABILITY}
+                     for n in ("clip_l.safetensors", "clip_g.safetensors")]),
+        *sd35_chain(clip=(11, 0), vae=(1, 0), note=SD35_DUAL_CLIP_NOTE),
+    ]
+
+
 def sd35_all_in_one() -> list[Node]:
     """Official SMFSR weights with Comfy-Org's all-in-one checkpoint: the VAE and the text encoders
     read from the one file, its MMDiT left on disk."""
@@ -220,7 +250,7 @@ def sd35_all_in_one() -> list[Node]:
 
 
 WORKFLOWS = {"smfsr_upscale": upscale_default, "smfsr_modular": modular_default, "smfsr_sd35": sd35,
-             "smfsr_sd35_all_in_one": sd35_all_in_one}
+             "smfsr_sd35_all_in_one": sd35_all_in_one, "smfsr_sd35_dual_clip": sd35_dual_clip}
 
 
 def render() -> dict[Path, str]:
