@@ -1,7 +1,7 @@
 """The official path at full size through the doors, on random weights in the real shapes:
 
     python -m bench fullsize --out DIR [--depth N] [--doors cli,python,comfyui,a1111,forge,app]
-                             [--layouts stability,stability_t5fp8,comfy_org,diffusers,bundle]
+                             [--layouts stability,stability_t5fp8,comfy_org,diffusers,bundle,dual_clip]
                              [--dtype auto|fp32|bf16|fp16|fp8] [--comfyui-dir D] [--a1111-dir D]
 
 writes the files users download (``bench.layouts``: the official SMFSR transformer folder,
@@ -12,8 +12,8 @@ door on one 64x64 image to 256x256, each in a fresh process:
   ComfyUI's tokenizer files), or with the bundle;
 - python: ``SMFSRUpscaler.from_pretrained`` + ``text_encoders.encode_text``;
 - comfyui: a real ComfyUI server through its HTTP API with the shipped SD3.5 workflow for the
-  layout (smfsr_sd35 for Stability's files, smfsr_sd35_all_in_one for Comfy-Org's), ComfyUI's own
-  loaders and tokenizers;
+  layout (smfsr_sd35 for Stability's files, smfsr_sd35_all_in_one for Comfy-Org's, smfsr_sd35_dual_clip
+  for dual_clip: Stability's checkpoint with CLIP-L/G only), ComfyUI's own loaders and tokenizers;
 - a1111, forge, app: a real A1111 or Forge web UI through its API (Extras) and the app (``smfsr app``) through
   gradio's client, on the bundle: the layout ``bundle``, made from Stability's files (fp8 T5) by
   ``smfsr convert`` (measured as the row ``convert``), as `smfsr download --bundle` makes it.
@@ -40,10 +40,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DOORS = ("cli", "python", "comfyui", "a1111", "forge", "app")
 # stability_t5fp8: Stability's files with its t5xxl_fp8_e4m3fn instead of t5xxl_fp16 (the smfsr_sd35
 # workflow's default); bundle: `smfsr convert` of the official folder with Stability's files (fp8 T5)
-LAYOUTS = ("stability", "stability_t5fp8", "comfy_org", "diffusers", "bundle")
-DOOR_LAYOUTS = {"cli": LAYOUTS, "python": LAYOUTS[:4], "comfyui": LAYOUTS[:3], "a1111": ("bundle",), "forge": ("bundle",),
+# dual_clip: Stability's checkpoint with CLIP-L/G only (ComfyUI's smfsr_sd35_dual_clip workflow, no T5)
+LAYOUTS = ("stability", "stability_t5fp8", "comfy_org", "diffusers", "bundle", "dual_clip")
+DOOR_LAYOUTS = {"cli": LAYOUTS[:5], "python": LAYOUTS[:4], "comfyui": LAYOUTS[:3] + ("dual_clip",), "a1111": ("bundle",),
+                "forge": ("bundle",),
                 "app": ("bundle",)}
-WORKFLOW = {"stability": "smfsr_sd35", "stability_t5fp8": "smfsr_sd35", "comfy_org": "smfsr_sd35_all_in_one"}
+WORKFLOW = {"stability": "smfsr_sd35", "stability_t5fp8": "smfsr_sd35", "comfy_org": "smfsr_sd35_all_in_one",
+            "dual_clip": "smfsr_sd35_dual_clip"}
 BUNDLE_NAME = "smfsr_q"  # A1111 lists it as "SMFSR x4 (smfsr_q)", as the app does
 SEED = 0
 CLI = "import sys; from smfsr.cli import main; sys.exit(main(sys.argv[1:]))"
@@ -80,7 +83,7 @@ def write_weights(out: Path, depth: int, layouts: set[str], tokenizers: Path, sa
 
     step("the SMFSR transformer", paths["smfsr"] / "transformer" / "diffusion_pytorch_model.safetensors",
          lambda: L.write_smfsr(paths["smfsr"], depth))
-    if {"stability", "stability_t5fp8", "bundle"} & layouts:
+    if {"stability", "stability_t5fp8", "bundle", "dual_clip"} & layouts:
         fp8 = bool({"stability_t5fp8", "bundle"} & layouts)
         step(L.STABILITY_CHECKPOINT, paths["checkpoint"], lambda: L.write_stability(paths["checkpoint"], depth))
         for name in ("clip_l", "clip_g") + ("t5",) * ("stability" in layouts) + ("t5_fp8",) * fp8:
@@ -357,10 +360,10 @@ def comfyui_links(layout: str, paths: dict[str, Path]) -> dict[str, Path]:
     from bench import layouts as L
 
     links = {"smfsr/smfsr_q": paths["smfsr"]}
-    if layout.startswith("stability"):
+    if layout.startswith("stability") or layout == "dual_clip":
         links["checkpoints/" + L.STABILITY_CHECKPOINT] = paths["checkpoint"]
-        t5 = "t5_fp8" if layout == "stability_t5fp8" else "t5"
-        links.update({f"text_encoders/{L.ENCODER_FILES[n]}": paths[n] for n in ("clip_l", "clip_g", t5)})
+        t5 = () if layout == "dual_clip" else ("t5_fp8",) if layout == "stability_t5fp8" else ("t5",)
+        links.update({f"text_encoders/{L.ENCODER_FILES[n]}": paths[n] for n in ("clip_l", "clip_g", *t5)})
     else:
         links["checkpoints/" + L.COMFY_ORG_CHECKPOINT] = paths["all_in_one"]
     return links

@@ -167,7 +167,12 @@ class TransformersBackbone(FeatureBackbone):
 
 
 def load_backbone(path: str | Path | None, resolution: int = 224, *, what: str = "backbone") -> FeatureBackbone:
-    """A frozen backbone from a local transformers folder or a converted feature-stack file."""
+    """A frozen backbone from a local transformers folder or a converted feature-stack file (a dry
+    run plans a transformers folder from its config alone, and an absent one as DINOv3 ViT-S/16)."""
+    from smfsr.checkpoint.safe_read import is_planning
+
+    if is_planning() and (not path or not Path(path).exists() or Path(path).is_dir()):
+        return planned_backbone(path, resolution, what)
     if not path:
         raise SystemExit(f"config: the {what} is not set. " + WHERE_TO_PUT_WEIGHTS)
     path = Path(path)
@@ -187,6 +192,24 @@ def load_backbone(path: str | Path | None, resolution: int = 224, *, what: str =
     model = AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
     if getattr(config, "vision_config", None) is not None and hasattr(model, "vision_model"):
         model = model.vision_model  # a two-tower model (SigLIP, CLIP): its image tower
+    return TransformersBackbone(model, resolution)
+
+
+def planned_backbone(path: str | Path | None, resolution: int, what: str) -> FeatureBackbone:
+    """A transformers backbone built from its config on the current (meta) device; DINOv3 ViT-S/16
+    (transformers' default config) for a path that does not exist yet."""
+    from transformers import AutoConfig, AutoModel, DINOv3ViTConfig
+
+    from smfsr.checkpoint.safe_read import plan_note
+
+    if path and (Path(path) / "config.json").is_file():
+        config = AutoConfig.from_pretrained(str(path), local_files_only=True)
+    else:
+        plan_note(f"{what} {path or '(unset)'} not found: shapes of DINOv3 ViT-S/16 (transformers' default config)")
+        config = DINOv3ViTConfig()
+    model = AutoModel.from_config(config)
+    if getattr(config, "vision_config", None) is not None and hasattr(model, "vision_model"):
+        model = model.vision_model
     return TransformersBackbone(model, resolution)
 
 

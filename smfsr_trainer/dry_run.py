@@ -1,7 +1,9 @@
 """``train.py --dry-run``: every network of a stage built on the meta device, and what one GPU holds.
 
-Nothing is read but headers and config files, nothing is allocated: a 2.7 B-parameter stage is
-planned in seconds. Per network: parameters (total / trainable), where it comes from, and per
+The stage builds its networks itself (``Stage.build``, as training does) with every file read for
+its header only (``safe_read.planning``): nothing is read but headers and config files, nothing is
+allocated, a 2.7 B-parameter stage is planned in seconds, and a new stage needs nothing here. A file
+that does not exist yet (the teacher a stage before exports) is planned with its preset's shapes. Per network: parameters (total / trainable), where it comes from, and per
 process the bytes of
 
     weights      trainable in float32, frozen in the mixed-precision dtype (``networks.freeze_in``)
@@ -22,17 +24,17 @@ train (the meanflow teacher, the VAE, the discriminator backbone) are replicated
 from __future__ import annotations
 
 import contextlib
-import json
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch.autograd.graph import saved_tensors_hooks
 
+from smfsr.checkpoint.safe_read import plan_note, planning
+
 from .config import TrainConfig
-from .networks import NEW_LAYERS, freeze_in, lora_spec, select_trainable, weight_dtype
+from .networks import Networks, freeze_in, lora_spec, weight_dtype
 
 GB = 1e9
 FRAMEWORK_GB = 1.0  # per process, beside the tensors: CUDA context, kernels, allocator slack (1.0 measured on CPU)
@@ -105,7 +107,7 @@ class Plan:
             p = n.per_process(self.processes, self.fsdp)
             lines.append(f"{n.name:<22}{n.total / 1e9:>12.3f} B{n.trainable / 1e9:>12.3f} B  "
                          f"{p['weights'] / GB:6.2f} / {p['gradients'] / GB:5.2f} / {p['optimizer'] / GB:5.2f} / "
-                         f"{p['ema'] / GB:5.2f}   {n.source}")
+                         f"{p['ema'] / GB:5.2f}   {n.source}".rstrip())
         lines.append("")
         for turn, b in self.activations.items():
             lines.append(f"activations, {turn}: {b / GB:.2f} GB")
@@ -174,42 +176,6 @@ def saved_bytes(modules: list[torch.nn.Module], run: Callable[[], object], half:
     return counter.bytes
 
 
-# --- shapes of what the stage builds ----------------------------------------------------------------
-
-def transformer_shape(path: str | None, preset: str, what: str) -> tuple[dict, str]:
-    from smfsr.checkpoint.peek import peek_model
-    from smfsr.models.presets import transformer_config
-
-    if path and Path(path).exists():
-        return dict(peek_model(path)[0]), str(path)
-    missing = f"{path} not found: " if path else ""
-    return transformer_config(preset), f"{missing}shapes of preset {preset}"
-
-
-def vae_shape(config: TrainConfig, fallback: str | None) -> tuple[dict, str]:
-    from smfsr.checkpoint.peek import read_bundle_info
-    from smfsr.models.presets import vae_config
-
-    if config.vae and Path(config.vae).is_dir() and (Path(config.vae) / "config.json").is_file():
-        return json.loads((Path(config.vae) / "config.json").read_text()), config.vae
-    if config.vae and Path(config.vae).is_file():
-        info = read_bundle_info(config.vae)
-        if info.vae_config:
-            return dict(info.vae_config), config.vae
-    if fallback and Path(fallback).is_file():
-        info = read_bundle_info(fallback)
-        if info.vae_config:
-            return dict(info.vae_config), f"the VAE of {fallback}"
-    preset = config.vae_preset or "sd35"
-    missing = f"{config.vae} not found: " if config.vae else ""
-    return vae_config(preset), f"{missing}shapes of VAE preset {preset}"
-
-
-def on_meta(build: Callable[[], torch.nn.Module]) -> torch.nn.Module:
-    with torch.device("meta"):
-        return build()
-
-
 def count(name: str, model: torch.nn.Module, source: str, *, sharded: bool = False, averaged: bool = False
           ) -> NetworkPlan:
     total = sum(p.numel() for p in model.parameters())
@@ -220,6 +186,8 @@ def count(name: str, model: torch.nn.Module, source: str, *, sharded: bool = Fal
     return NetworkPlan(name, source, total, trainable, frozen, sharded, averaged, largest)
 
 
+# --- what a step's forward passes save ------------------------------------------------------------
+
 def latent_grid(vae_cfg: dict, crop: int) -> tuple[int, int]:
     """(channels, side) of the latent of a crop."""
     from smfsr.checkpoint.peek import is_space_to_depth
@@ -228,21 +196,16 @@ def latent_grid(vae_cfg: dict, crop: int) -> tuple[int, int]:
     return vae_cfg["latent_channels"], crop // factor
 
 
-def prompt_tokens(path: str | None) -> int:
-    from smfsr.checkpoint import read_header
-
-    if path and Path(path).is_file():
-        return read_header(path)[1]["embeds"][1][1]
-    return 1  # the zero "null" prompt of caption-free training
-
-
-def transformer_activations(model: torch.nn.Module, config: TrainConfig, vae_cfg: dict, *, interval: bool) -> int:
+def transformer_activations(model: torch.nn.Module, config: TrainConfig, vae_cfg: dict, tokens: int, *,
+                            interval: bool) -> int:
+    """What one forward of ``model`` with gradient saves, at the configured batch and crop, with a
+    prompt of ``tokens`` tokens."""
     channels, side = latent_grid(vae_cfg, config.crop)
     b, c = config.batch_size, model.config
     with torch.device("meta"):
         z = torch.empty(b, channels, side, side)
         lr = torch.empty(b, channels, side, side)
-        text = torch.empty(b, prompt_tokens(config.prompt_embeds), c.joint_attention_dim)
+        text = torch.empty(b, tokens, c.joint_attention_dim)
         pooled = torch.empty(b, c.pooled_projection_dim)
         t = torch.empty(b)
     extra = (t,) if interval else ()
@@ -262,158 +225,97 @@ def transformer_activations(model: torch.nn.Module, config: TrainConfig, vae_cfg
     return kept + everything // c.num_layers
 
 
+def network_turn(config: TrainConfig, nets: Networks, name: str) -> dict[str, float]:
+    """A stage's one turn: the forward of the network it trains with gradient (a transformer on the
+    latents, or a VAE on the crops)."""
+    model = nets.trained
+    if nets.codec is None:  # the network is the codec itself
+        with torch.device("meta"):
+            x = torch.empty(config.batch_size, 3, config.crop, config.crop)
+        return {"codec": saved_bytes([model], lambda: model(x).sample, config.mixed_precision != "no")}
+    interval = bool(model.config.get("interval_embedding"))
+    return {f"{name} forward with gradient": transformer_activations(
+        model, config, dict(nets.codec.vae.config), prompt_tokens(nets), interval=interval)}
+
+
+def prompt_tokens(nets: Networks) -> int:
+    return nets.prompt[0].shape[1] if nets.prompt is not None else 1
+
+
+def refine_turns(config: TrainConfig, nets: Networks) -> dict[str, float]:
+    """The three players' turns of a refine step (one after another, so the peak is the largest):
+    the generator's (its steps with gradient, the decode and the feature network the losses read),
+    the fake score's, the discriminator's (small beside them: heads on the generator's features)."""
+    from .stages.refine import parse_steps
+
+    extra, half = nets.extra, config.mixed_precision != "no"
+    vae_cfg = dict(nets.codec.vae.config)
+    steps = max(parse_steps(config.refine_steps))
+    generator = steps * network_turn(config, nets, "generator").popitem()[1]
+    reads = ""
+    features = extra.backbone or extra.perceptual
+    if features is not None:  # the losses read pixels: the decode, then the feature network
+        channels, side = latent_grid(vae_cfg, config.crop)
+        with torch.device("meta"):
+            latent = torch.empty(config.batch_size, channels, side, side, requires_grad=True)
+        generator += saved_bytes([nets.codec.vae], lambda: nets.codec.decode(latent, grad=True), half)
+        reads = ", decode"
+        if hasattr(features, "model"):  # a transformers backbone (DINOv3)
+            side_px = config.disc_resolution or config.crop
+            with torch.device("meta"):
+                image = torch.empty(config.batch_size, 3, side_px, side_px, requires_grad=True)
+            generator += saved_bytes([features.model], lambda: features.model(pixel_values=image,
+                                                                               output_hidden_states=True), half)
+            reads = ", decode and backbone"
+        else:
+            plan_note("the feature-stack backbone's activations are not counted (a VGG-16 at the crop size: about "
+                      "0.1 GB per 512 px image)")
+    turns = {f"generator ({steps} step(s) with gradient{reads})": generator}
+    if extra.fake is not None:
+        turns["fake score forward with gradient"] = transformer_activations(
+            extra.fake, config, vae_cfg, prompt_tokens(nets), interval=False)
+    return turns
+
+
 # --- the plan -----------------------------------------------------------------------------------------
-
-def build_transformers(config: TrainConfig, stage_name: str) -> tuple[list[tuple[str, torch.nn.Module, str, bool]], str]:
-    """(name, meta network, source, is the exported generator) per transformer, as the stage builds
-    them, and the file a VAE would fall back to."""
-    from smfsr.checkpoint import build_transformer
-    from smfsr.models.presets import TEACHER_OF
-
-    from .lora import LoraSpec, add_lora
-
-    teacher_preset = TEACHER_OF.get(config.preset, config.preset)
-    teacher_path = config.teacher or str(Path(config.output_dir) / "flow.safetensors")
-    built = []
-    if stage_name == "flow":
-        cfg, source = transformer_shape(config.init, teacher_preset, "init")
-        model = on_meta(lambda: build_transformer(cfg))
-        select_trainable(model, config)
-        built.append(("flow transformer", model, source, True))
-        return built, config.init
-    if stage_name == "meanflow":
-        cfg, source = transformer_shape(teacher_path, teacher_preset, "teacher")
-        teacher = on_meta(lambda: build_transformer(cfg)).requires_grad_(False)
-        student = on_meta(lambda: build_transformer({**cfg, "interval_embedding": True}))
-        select_trainable(student, config, NEW_LAYERS)
-        built += [("student", student, f"from the teacher ({source})", True), ("teacher", teacher, source, False)]
-        return built, teacher_path
-    # refine
-    init = config.init or str(Path(config.output_dir) / "meanflow.safetensors")
-    cfg, source = transformer_shape(init, config.preset, "init")
-    generator = on_meta(lambda: build_transformer(cfg))
-    select_trainable(generator, config)
-    built.append(("generator", generator, source, True))
-    if config.weight_vsd:
-        tcfg, tsource = transformer_shape(teacher_path, teacher_preset, "teacher")
-        teacher = on_meta(lambda: build_transformer(tcfg)).requires_grad_(False)
-        add_lora(teacher, LoraSpec(config.fake_lora_rank), seed=config.seed)
-        if config.gradient_checkpointing:
-            teacher.enable_gradient_checkpointing()
-        built.append(("teacher + fake score", teacher, f"{tsource}; fake score: rank-{config.fake_lora_rank} "
-                                                        "adapters on it", False))
-    return built, init
-
 
 def dry_run(config: TrainConfig, stage, processes: int, sharding: str) -> str:
     return plan(config, stage, processes, sharding).render()
 
 
 def plan(config: TrainConfig, stage, processes: int, sharding: str) -> Plan:
-    from smfsr.checkpoint import build_vae
-    from smfsr.models.presets import vae_config
-
+    """The stage's networks as its own ``build`` makes them, on the meta device with every file read
+    for its header only (``planning``): what trains, what each process holds, what a step saves."""
     result = Plan(stage.name, config.trainable, processes, sharding, config.batch_size, config.crop,
                   config.mixed_precision, config.gradient_checkpointing)
     dtype = weight_dtype(config)
-    if stage.name == "vae":
-        cfg = vae_config(config.vae_preset or "small")
-        vae = on_meta(lambda: build_vae(cfg))
-        result.networks.append(count("vae (trained)", vae, f"VAE preset {config.vae_preset or 'small'}",
-                                     sharded=True, averaged=True))
-        with torch.device("meta"):
-            x = torch.empty(config.batch_size, 3, config.crop, config.crop)
-        result.activations["codec"] = saved_bytes([vae], lambda: vae(x).sample, config.mixed_precision != "no")
-        return result
-    transformers, vae_fallback = build_transformers(config, stage.name)
-    vae_cfg, vae_source = vae_shape(config, vae_fallback)
-    vae = on_meta(lambda: build_vae(vae_cfg)).requires_grad_(False)
-    generator = transformers[0][1]
-    if config.gradient_checkpointing:
-        generator.enable_gradient_checkpointing()
-    # activations first, while every weight is float32 (meta tensors know no autocast to mix dtypes)
-    interval = bool(generator.config.get("interval_embedding"))
-    step_act = transformer_activations(generator, config, vae_cfg, interval=interval)
-    if stage.name == "refine":
-        result.activations.update(refine_turns(config, result, transformers, vae, vae_cfg, step_act))
-    else:
-        result.activations[f"{transformers[0][0]} forward with gradient"] = step_act
-    for name, model, source, exported in transformers:
-        freeze_in(model, dtype)
-        trained = exported or name.startswith("teacher + fake")
-        result.networks.insert(len([n for n in result.networks if n.name in {t[0] for t in transformers}]),
-                               count(name, model, source, sharded=trained, averaged=exported))
-    freeze_in(vae, dtype)
-    result.networks.append(count("vae", vae, vae_source))
+    with torch.device("meta"), planning() as notes:
+        nets = stage.build(config)
+        trained = stage.trained(config, nets)
+        exported = trained[0][1]
+        named = []
+        for i, (name, module, _) in enumerate(trained):
+            if module is nets.teacher:  # adapters on the frozen teacher (refine's fake score)
+                name = f"teacher + {name.replace('_', ' ')}"
+            named.append((stage.exported_name if i == 0 else name, module))
+        named += [(name, m) for name, m in nets.named_frozen() if all(m is not other for _, other in named)]
+        sharded = [module for _, module, _ in trained]
+        for name, module in named:
+            freeze_in(module, dtype)  # as the loop keeps them (train.py)
+            result.networks.append(count(name, module, "", sharded=any(module is m for m in sharded),
+                                         averaged=module is exported))
+        # activations with every weight in float32 (meta tensors know no autocast to mix dtypes)
+        for _, module in named:
+            for p in module.parameters():
+                p.data = p.data.float()
+        result.activations.update(stage.activation_turns(config, nets))
+    result.notes += notes
     result.notes.append("text encoders: not loaded by any stage (prompts are precomputed embedding files, "
                         "`smfsr encode-prompt`)")
     if config.trainable == "lora":
         spec = lora_spec(config)
-        new = f"; also trained in full: {', '.join(NEW_LAYERS)}" if stage.name == "meanflow" else ""
+        full = sorted({n.split(".")[0] for n, p in exported.named_parameters() if p.requires_grad and "lora_" not in n})
+        also = f"; also trained in full: {', '.join(full)}" if full else ""
         result.notes.append(f"LoRA rank {spec.rank}, alpha {spec.alpha or spec.rank}, on {len(spec.targets)} layer "
-                            f"kinds{new}")
+                            f"kinds{also}")
     return result
-
-
-def refine_turns(config, result: Plan, transformers, vae, vae_cfg, generator_act: int) -> dict[str, float]:
-    """Activations of the three players' turns (they run one after another, so the peak is the largest)."""
-    from .backbones import parse_depths
-    from .stages.refine import parse_steps
-
-    steps = max(parse_steps(config.refine_steps))
-    generator_turn = steps * generator_act
-    turns = {}
-    if config.weight_gan or config.weight_perceptual:
-        channels, side = latent_grid(vae_cfg, config.crop)
-        with torch.device("meta"):
-            latent = torch.empty(config.batch_size, channels, side, side, requires_grad=True)
-        decode_act = saved_bytes([vae], lambda: vae.decode(latent).sample, config.mixed_precision != "no")
-        generator_turn += decode_act
-        if config.disc_backbone and Path(config.disc_backbone).is_file():  # a feature stack (VGG-16 of ST-LPIPS)
-            from smfsr.checkpoint import read_header
-
-            shapes = read_header(config.disc_backbone)[1]
-            total = sum(torch.Size(s[1]).numel() for s in shapes.values())
-            size = 2 if config.mixed_precision in ("bf16", "fp16") else 4
-            result.networks.append(NetworkPlan("disc backbone", config.disc_backbone, total, 0, size * total))
-            result.notes.append("the feature-stack backbone's activations are not counted (a VGG-16 at the crop "
-                                "size: about 0.1 GB per 512 px image)")
-            turns[f"generator ({steps} step(s) with gradient, decode)"] = generator_turn
-            if config.weight_vsd:
-                turns["fake score forward with gradient"] = transformer_activations(
-                    transformers[1][1], config, vae_cfg, interval=False)
-            return turns
-        backbone, source = backbone_shape(config)
-        depths = parse_depths(config.disc_layers, backbone.config.num_hidden_layers, "disc_layers")
-        side_px = config.disc_resolution or config.crop
-        with torch.device("meta"):
-            image = torch.empty(config.batch_size, 3, side_px, side_px, requires_grad=True)
-        generator_turn += saved_bytes([backbone], lambda: backbone(pixel_values=image, output_hidden_states=True),
-                                      config.mixed_precision != "no")
-        freeze_in(backbone, weight_dtype(config))
-        result.networks.append(count("disc backbone", backbone, source))
-        from .discriminator import DiscriminatorHeads
-
-        width = backbone.config.hidden_size
-        heads = on_meta(lambda: DiscriminatorHeads([width] * len(depths), config.disc_width, config.disc_conditioned))
-        result.networks.append(count("disc heads", heads, f"{len(depths)} heads of width {config.disc_width}",
-                                     sharded=True))
-    turns[f"generator ({steps} step(s) with gradient{', decode and backbone' if config.weight_gan else ''})"] = \
-        generator_turn
-    if config.weight_vsd:
-        fake = transformers[1][1]
-        turns["fake score forward with gradient"] = transformer_activations(fake, config, vae_cfg, interval=False)
-    return turns
-
-
-def backbone_shape(config: TrainConfig) -> tuple[torch.nn.Module, str]:
-    from transformers import AutoConfig, AutoModel, DINOv3ViTConfig
-
-    path = config.disc_backbone
-    if path and Path(path).is_dir() and (Path(path) / "config.json").is_file():
-        cfg, source = AutoConfig.from_pretrained(path, local_files_only=True), path
-    else:
-        cfg = DINOv3ViTConfig()
-        source = f"{path or 'disc_backbone unset'}: shapes of DINOv3 ViT-S/16 (transformers' default config)"
-    model = on_meta(lambda: AutoModel.from_config(cfg))
-    return model.requires_grad_(False), source

@@ -12,8 +12,9 @@ import torch
 
 from smfsr.checkpoint import Bundle, PipelineDefaults, build_transformer, build_vae, import_vae, load_model, \
     read_header, read_prompt_file
+from smfsr.checkpoint.safe_read import is_planning, plan_note
 from smfsr.codec import LatentCodec
-from smfsr.models.presets import vae_config
+from smfsr.models.presets import transformer_config, vae_config
 
 from .conditioning import Condition
 from .config import TrainConfig
@@ -32,13 +33,27 @@ class Networks:
 
     def frozen_modules(self) -> list[torch.nn.Module]:
         """Networks that only run forward: moved to the device by the loop, never prepared."""
-        found = [self.teacher, self.codec.vae if self.codec is not None else None]
-        found += list(getattr(self.extra, "frozen", lambda: [])())
-        return [m for m in found if m is not None]
+        return [m for _, m in self.named_frozen()]
+
+    def named_frozen(self) -> list[tuple[str, torch.nn.Module]]:
+        """(role, network) of each network that only runs forward, each once."""
+        found = [("teacher", self.teacher), ("vae", self.codec.vae if self.codec is not None else None)]
+        found += list(getattr(self.extra, "named_frozen", list)())
+        unique = []
+        for name, module in found:
+            if module is not None and all(module is not m for _, m in unique):
+                unique.append((name, module))
+        return unique
 
 
 def load_vae(config: TrainConfig, fallback: Bundle | None) -> tuple[torch.nn.Module, float, float]:
-    """The VAE (and its latent scale/shift): ``config.vae``, else the fallback bundle's, else a preset."""
+    """The VAE (and its latent scale/shift): ``config.vae``, else the fallback bundle's, else a preset
+    (a dry run plans with ``vae_preset``, or SD3.5's, while ``config.vae`` does not exist yet)."""
+    if config.vae and is_planning() and not Path(config.vae).exists():
+        preset = config.vae_preset or "sd35"
+        plan_note(f"{config.vae} not found: shapes of VAE preset {preset}")
+        cfg = vae_config(preset)
+        return build_vae(cfg), float(cfg["scaling_factor"]), float(cfg["shift_factor"])
     if config.vae:
         metadata, _ = read_header(config.vae) if Path(config.vae).is_file() else ({}, {})
         if "smfsr_format" in metadata:
@@ -59,17 +74,24 @@ def load_vae(config: TrainConfig, fallback: Bundle | None) -> tuple[torch.nn.Mod
 
 
 def text(path: str | None, joint: int, pooled: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if path and is_planning() and not Path(path).exists():
+        plan_note(f"{path} not found: a one-token prompt")
+        path = None
     if path:
         return read_prompt_file(path)
     return torch.zeros(1, 1, joint), torch.zeros(1, pooled)  # a "null" prompt for caption-free training
 
 
-def load_bundle_of_kind(path: str, what: str, *, average_velocity: bool, dtype: torch.dtype = torch.float32
-                        ) -> Bundle:
+def load_bundle_of_kind(path: str, what: str, *, average_velocity: bool, dtype: torch.dtype = torch.float32,
+                        preset: str | None = None) -> Bundle:
     """A bundle whose transformer is (``average_velocity``) a mean-flow student or a flow teacher, in
     ``dtype`` whatever the file stores: float32 for a network that trains, the mixed-precision dtype
-    for a frozen teacher (so a 2.7 B teacher never exists in float32)."""
+    for a frozen teacher (so a 2.7 B teacher never exists in float32). A dry run plans with the
+    shapes of ``preset`` while the file does not exist yet (the stage before has not run)."""
     if not Path(path).exists():
+        if is_planning() and preset:
+            plan_note(f"{path} not found: shapes of preset {preset}")
+            return Bundle(build_transformer(transformer_config(preset)))  # frozen ones are cast by freeze_in
         raise SystemExit(f"stage needs {what}: {path} does not exist (run the stage that exports it, or set it)")
     bundle = load_model(path, dtype=dtype)
     if bundle.transformer.is_average_velocity != average_velocity:

@@ -149,21 +149,22 @@ print(json.dumps({{"config": {{k: v for k, v in config.items() if k != "context_
 @pytest.mark.slow
 def test_fullsize_rehearsal_through_the_cli_comfyui_a1111_and_the_app(tmp_path):
     """The official path at full width (2 of 24 blocks; the text encoders at full size) through the
-    CLI and a real ComfyUI with the shipped Stability-files workflow (T5 as Stability's fp8 file, the
-    low-memory choice), and through a real A1111 and the app on the bundle `smfsr convert` makes of
-    the same files: every door ok, memory as estimated, the same pixels as the CLI's on the bundle."""
+    CLI and a real ComfyUI with the shipped Stability-files workflows (T5 as Stability's fp8 file, the
+    low-memory choice; and the Dual CLIP one, without T5), and through a real A1111 and the app on the
+    bundle `smfsr convert` makes of the same files: every door ok, memory as estimated, the same
+    pixels as the CLI's on the bundle."""
     from tests.test_a1111 import missing
 
     require_host(missing("a1111"))
     out = tmp_path / "fullsize"
     run = subprocess.run([sys.executable, "-m", "bench", "fullsize", "--depth", "2", "--doors", "cli,comfyui,a1111,app",
-                          "--layouts", "stability_t5fp8,bundle", "--out", str(out)], cwd=REPO, capture_output=True,
+                          "--layouts", "stability_t5fp8,bundle,dual_clip", "--out", str(out)], cwd=REPO, capture_output=True,
                          text=True, timeout=2400)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     rows = {(r["door"], r["layout"]): r for r in summary["runs"]}
     assert set(rows) == {("cli", "stability_t5fp8"), ("comfyui", "stability_t5fp8"), ("convert", "stability_t5fp8"),
-                         ("cli", "bundle"), ("a1111", "bundle"), ("app", "bundle")}, set(rows)
+                         ("cli", "bundle"), ("a1111", "bundle"), ("app", "bundle"), ("comfyui", "dual_clip")}, set(rows)
     assert all(r["ok"] and r["error"] is None for r in rows.values()), rows
     # the app runs this Python's torch: the CLI's pixels; A1111 its own torch 2.1.2: within a level
     assert rows["app", "bundle"]["max_diff_vs_cli"] == 0 and rows["a1111", "bundle"]["max_diff_vs_cli"] <= 2, rows
@@ -174,6 +175,8 @@ def test_fullsize_rehearsal_through_the_cli_comfyui_a1111_and_the_app(tmp_path):
     # the VAE-only loader and TripleCLIPLoader found every weight but CLIP-L's projection, which SD3's
     # clip_l.safetensors does not have (ComfyUI warns the same for the real file; SD3 does not use it)
     assert comfyui["host_missing"] == ["clip missing: ['text_projection.weight']"], comfyui
+    dual = rows["comfyui", "dual_clip"]  # DualCLIPLoader (sd3) with CLIP-L/G: 77 tokens, no T5
+    assert set(dual["host_missing"]) <= {"clip missing: ['text_projection.weight']"}, dual
 
 
 def test_freed_encoders_are_gone_before_the_model_is_checked():

@@ -93,6 +93,51 @@ def test_dry_run_shards_what_trains_and_counts_lora_and_the_shared_fake_score():
     assert len(refine.activations) == 2  # the generator's turn and the fake score's
 
 
+def test_the_dry_run_builds_any_stage_through_its_own_builder_reading_headers_only():
+    """A stage the dry run has never heard of is planned from its own ``build`` and ``trained``: the
+    networks it names, what trains and the forward it saves; the files it loads (here the shipped
+    bundle, as refine's init) are read for their headers only, as meta tensors."""
+    import resource
+
+    from smfsr.checkpoint import load_model
+    from smfsr.checkpoint.safe_read import planning
+    from smfsr_trainer.config import load_config
+    from smfsr_trainer.dry_run import plan
+    from smfsr_trainer.networks import Networks, load_bundle_of_kind, with_frozen_parts
+    from smfsr_trainer.stages.base import Stage
+
+    shipped = REPO / "models" / "smfsr-small-x4.safetensors"
+
+    class TwinStage(Stage):  # trains a copy of a bundle's network against the bundle's own
+        name = "twin"
+        exported_name = "twin"
+
+        def build(self, config):
+            source = load_bundle_of_kind(config.init, "init", average_velocity=True)
+            twin = load_model(config.init).transformer.train().requires_grad_(True)
+            return with_frozen_parts(config, twin, source.transformer, source)
+
+        def batch(self, config, nets, batch, g, device):
+            raise NotImplementedError
+
+        def losses(self, config, nets, models):
+            raise NotImplementedError
+
+    config, _ = load_config(["--stage", "flow", "--init", str(shipped), "--train-dir", "x", "--crop", "128",
+                             "--batch-size", "2"])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    planned = plan(config, TwinStage(), 1, "none")
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200 * 1024  # KiB: nothing loaded
+    networks = {n.name: n for n in planned.networks}
+    assert list(networks) == ["twin", "teacher", "vae"]
+    assert networks["twin"].trainable == networks["twin"].total == networks["teacher"].total > 18_000_000
+    assert networks["teacher"].trainable == 0 and networks["twin"].averaged and networks["twin"].sharded
+    assert list(planned.activations) == ["twin forward with gradient"] and planned.activations["twin forward with gradient"] > 0
+    with torch.device("meta"), planning():
+        bundle = load_model(shipped)
+    assert all(t.is_meta for t in bundle.transformer.state_dict().values())
+
+
 def test_fsdp_with_one_process_is_refused_before_anything_is_built():
     result = run_trainer("--config", SD35, "--dry-run", "--sharding", "fsdp", "--processes", "1", timeout=120)
     assert result.returncode != 0 and "FSDP with one process shards nothing" in result.stderr

@@ -157,6 +157,11 @@ def load_bundle(path: str | os.PathLike, *, device: str | torch.device = "cpu",
 
 
 def to_device(bundle: Bundle, device: str | torch.device, dtype: torch.dtype | None) -> Bundle:
+    from .safe_read import is_planning
+
+    if is_planning():  # a plan's networks stay on the meta device (safe_read.planning)
+        device = "meta"
+
     def move(t: torch.Tensor | None) -> torch.Tensor | None:
         if t is None:
             return None

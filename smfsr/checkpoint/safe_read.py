@@ -6,6 +6,8 @@ length (u64, little-endian) and then '{'; a PyTorch pickle is a zip container or
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
 import os
 from pathlib import Path
@@ -113,6 +115,35 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, str], Header]:
     return {str(k): str(v) for k, v in metadata.items()}, shapes
 
 
+# While a dry run plans (``planning``): the notes it collects, and load_tensors reads headers only.
+_PLANNING: contextvars.ContextVar[list[str] | None] = contextvars.ContextVar("smfsr_planning", default=None)
+
+
+@contextlib.contextmanager
+def planning():
+    """Within: ``load_tensors`` returns meta tensors in each file's shapes (and the asked dtype),
+    reading headers only, so the code that loads networks builds them, through its own loaders,
+    with no weights (a dry run of a 2.7 B-parameter training stage plans in seconds). Yields the
+    list ``plan_note`` adds to: what the plan assumed (a file that does not exist yet, say)."""
+    notes: list[str] = []
+    token = _PLANNING.set(notes)
+    try:
+        yield notes
+    finally:
+        _PLANNING.reset(token)
+
+
+def is_planning() -> bool:
+    return _PLANNING.get() is not None
+
+
+def plan_note(text: str) -> None:
+    """Record what a plan assumed (nothing outside ``planning``)."""
+    notes = _PLANNING.get()
+    if notes is not None and text not in notes:
+        notes.append(text)
+
+
 def load_tensors(path: str | os.PathLike, device: str = "cpu", prefix: str | None = None, dtype=None):
     """The tensors of a safetensors file (after :func:`read_header` has vetted it); with ``prefix``
     only those whose names start with it, the prefix removed (one part of a large checkpoint).
@@ -124,6 +155,8 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu", prefix: str | Non
     from safetensors import safe_open
     from safetensors.torch import load_file
 
+    if is_planning():
+        return meta_tensors(path, prefix, dtype)
     if dtype is not None:
         _, header = read_header(path)
         names = [k for k in header if prefix is None or k.startswith(prefix)]
@@ -135,6 +168,21 @@ def load_tensors(path: str | os.PathLike, device: str = "cpu", prefix: str | Non
         return load_file(str(path), device=device)
     with safe_open(str(path), framework="pt", device=device) as f:
         return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def meta_tensors(path: str | os.PathLike, prefix: str | None, dtype=None) -> dict:
+    """``load_tensors``'s result as meta tensors, from the header alone."""
+    import torch
+
+    start = len(prefix or "")
+    found = {}
+    for name, (shape, stored) in read_header(path)[1].items():
+        if prefix is None or name.startswith(prefix):
+            kind = getattr(torch, TORCH_DTYPES[stored])
+            if dtype is not None and kind.is_floating_point and torch.empty((), dtype=kind).element_size() > 1:
+                kind = dtype
+            found[name[start:]] = torch.empty(shape, dtype=kind, device="meta")
+    return found
 
 
 TORCH_DTYPES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",

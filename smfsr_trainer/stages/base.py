@@ -25,6 +25,7 @@ class Stage(ABC):
     name: str = ""
     default_steps: int = 25  # inference steps of its exported model, unless export_steps / val_steps say
     summary_keys: tuple[str, ...] = ()  # config keys its bundles' provenance records beyond the common ones
+    exported_name: str = "model"  # what the dry run calls the network it trains and exports
 
     def degradation(self, config: TrainConfig) -> str:
         """The LR degradation its data needs."""
@@ -53,6 +54,13 @@ class Stage(ABC):
     @abstractmethod
     def build(self, config: TrainConfig) -> Networks:
         """The networks: the one that trains, and whatever it trains against."""
+
+    def activation_turns(self, config: TrainConfig, nets: Networks) -> dict[str, float]:
+        """For the dry run, on its meta networks: the bytes autograd saves in each turn of a step (the
+        turns run one after another). One turn: the trained network's forward with gradient."""
+        from ..dry_run import network_turn
+
+        return network_turn(config, nets, self.exported_name)
 
     def trained(self, config: TrainConfig, nets: Networks) -> list[tuple[str, torch.nn.Module, float]]:
         """(name, network, learning rate) of each network that trains, in update order."""

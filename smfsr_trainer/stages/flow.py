@@ -11,11 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from smfsr import meanflow
-from smfsr.checkpoint import build_transformer, load_model
+from smfsr.checkpoint import build_transformer
 from smfsr.models.presets import TEACHER_OF, transformer_config
 
 from ..conditioning import velocity_fn
-from ..networks import Networks, encode, null_condition, select_trainable, with_frozen_parts
+from ..networks import Networks, encode, load_bundle_of_kind, null_condition, select_trainable, with_frozen_parts
 from .base import Stage
 
 
@@ -40,18 +40,19 @@ def drop_text(cond, null, prob: float, g: torch.Generator):
 
 class FlowStage(Stage):
     name = "flow"
+    exported_name = "flow transformer"
     default_steps = 25  # a flow teacher: Euler steps
 
     def build(self, config) -> Networks:
         source = None
+        preset = TEACHER_OF.get(config.preset, config.preset)
         if config.init:
-            source = load_model(config.init)
+            source = load_bundle_of_kind(config.init, "init (a flow teacher to go on training)", average_velocity=False,
+                                         preset=preset)
             trained = source.transformer
         else:
             torch.manual_seed(config.seed)
-            trained = build_transformer(transformer_config(TEACHER_OF.get(config.preset, config.preset)))
-        if trained.is_average_velocity:
-            raise SystemExit("stage flow trains a flow teacher; the init model is an average-velocity (mean-flow) model")
+            trained = build_transformer(transformer_config(preset))
         select_trainable(trained, config)
         return with_frozen_parts(config, trained, None, source)
 

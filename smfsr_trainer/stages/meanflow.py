@@ -15,6 +15,7 @@ from pathlib import Path
 
 from smfsr import meanflow
 from smfsr.checkpoint import build_transformer
+from smfsr.models.presets import TEACHER_OF
 
 from ..conditioning import average_velocity_fn, guided, velocity_fn
 from ..networks import NEW_LAYERS, Networks, encode, load_bundle_of_kind, null_condition, select_trainable, \
@@ -64,11 +65,13 @@ def student_from_teacher(teacher: torch.nn.Module) -> torch.nn.Module:
 
 def teacher_bundle(config):
     path = config.teacher or str(Path(config.output_dir) / "flow.safetensors")
-    return load_bundle_of_kind(path, "a teacher", average_velocity=False, dtype=weight_dtype(config))
+    return load_bundle_of_kind(path, "a teacher", average_velocity=False, dtype=weight_dtype(config),
+                               preset=TEACHER_OF.get(config.preset, config.preset))
 
 
 class MeanFlowStage(Stage):
     name = "meanflow"
+    exported_name = "student"
     default_steps = 1
     summary_keys = ("boundary_fraction", "fixed_interval_fraction")
 

@@ -56,8 +56,9 @@ class RefineNets:
     disc_depths: list[int] = field(default_factory=list)
     perceptual: FeatureBackbone | None = None  # the perceptual loss's network (may be ``backbone``)
 
-    def frozen(self) -> list[torch.nn.Module]:
-        return [m for m in (self.teacher, self.backbone, self.perceptual) if m is not None]
+    def named_frozen(self) -> list[tuple[str, torch.nn.Module]]:
+        return [(name, m) for name, m in (("teacher", self.teacher), ("disc backbone", self.backbone),
+                                          ("perceptual net", self.perceptual)) if m is not None]
 
     def depths(self, net: FeatureBackbone) -> list[int]:
         """The depths of ``net`` the losses read: the heads' and, for the perceptual net, all."""
@@ -241,6 +242,7 @@ def parse_steps(spec: str) -> list[int]:
 
 class RefineStage(Stage):
     name = "refine"
+    exported_name = "generator"
     default_steps = 1
     summary_keys = ("refine_steps", "weight_l2", "weight_perceptual", "weight_gan", "weight_vsd")
 
@@ -256,12 +258,17 @@ class RefineStage(Stage):
         # only VSD reads the teacher (the real score and the fake score's start)
         teacher = teacher_bundle(config).transformer.eval().requires_grad_(False) if config.weight_vsd else None
         path = config.init or str(Path(config.output_dir) / "meanflow.safetensors")
-        source = load_bundle_of_kind(path, "a student to refine (init)", average_velocity=True)
+        source = load_bundle_of_kind(path, "a student to refine (init)", average_velocity=True, preset=config.preset)
         trained = source.transformer
         select_trainable(trained, config)
         nets = with_frozen_parts(config, trained, teacher, source)
         nets.extra = refine_networks(config, teacher)
         return nets
+
+    def activation_turns(self, config, nets):
+        from ..dry_run import refine_turns
+
+        return refine_turns(config, nets)
 
     def trained(self, config, nets):
         chosen = [("generator", nets.trained, config.learning_rate)]

@@ -47,6 +47,7 @@ def latent_statistics(vae, images: torch.Tensor) -> tuple[float, float]:
 
 class VAEStage(Stage):
     name = "vae"
+    exported_name = "vae (trained)"
 
     def degradation(self, config) -> str:
         return "bicubic"  # only HR crops are used: skip the costly degradation
