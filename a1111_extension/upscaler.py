@@ -77,6 +77,9 @@ def console_log() -> None:
         log.propagate = False
 
 
+console_log()
+
+
 def host_model_load_finished():
     """A1111 builds its SD model under InitializeOnMeta, which puts the weights of every Linear and
     Conv2d made meanwhile, in any thread, on the meta device; it loads the model in a background

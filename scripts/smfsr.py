@@ -8,5 +8,3 @@ if problem:
     print(f"SMFSR: the upscaler is not loaded: {problem}", flush=True)
 else:
     import a1111_extension.upscaler  # noqa: F401
-
-    a1111_extension.upscaler.console_log()
