@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from smfsr_trainer.grid import grid_strength  # noqa: F401 (the measure, also the refine stage's penalty)
+
 from .harness import Table, report
 
 
@@ -31,22 +33,6 @@ def sharpness(x: torch.Tensor) -> torch.Tensor:
     """Mean gradient magnitude per image (a no-reference sharpness measure)."""
     dx, dy = x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
     return dx.abs().mean((1, 2, 3)) + dy.abs().mean((1, 2, 3))
-
-
-def grid_strength(x: torch.Tensor, period: int = 4) -> torch.Tensor:
-    """Per image, how much of the high-pass detail repeats on a ``period`` x ``period`` pixel grid
-    (a x4 decoder's phase pattern): luma minus its Gaussian blur (sigma 2) is the residual; its mean
-    over every position of each of the period^2 pixel phases gives one value per phase; the
-    strength is the energy of those phase means over the residual's total energy. A photo's is
-    about 0.0002; a visible grid is 0.01 and above."""
-    from kornia.filters import gaussian_blur2d
-
-    luma = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None].double()
-    residual = luma - gaussian_blur2d(luma, (13, 13), (2.0, 2.0), border_type="reflect")
-    h, w = (residual.shape[-2] // period) * period, (residual.shape[-1] // period) * period
-    phases = residual[..., :h, :w].reshape(len(x), h // period, period, w // period, period)
-    means = phases.mean((1, 3))  # (B, period, period): the mean residual of each pixel phase
-    return (means.pow(2).mean((1, 2)) / residual[..., :h, :w].pow(2).mean((1, 2, 3)).clamp_min(1e-20)).float()
 
 
 @dataclass

@@ -87,6 +87,7 @@ class TrainConfig:
     r1_gamma: float = 0.0  # R1 penalty on real images (0: off)
     weight_l2: float = 1.0  # reconstruction against the HR latent
     weight_l1: float = 0.0
+    weight_grid: float = 0.0  # the error's phase pattern on the codec's cell (grid.grid_loss; a 4-px grid)
     weight_gan: float = 0.1
     weight_vsd: float = 1.0
     vsd_t_min: float = 0.02

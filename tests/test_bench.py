@@ -153,3 +153,34 @@ def test_grid_strength_sees_a_4_pixel_pattern_and_not_a_photo():
     shifted = photo.clone()
     shifted[..., ::3, ::3] += 0.03  # another period is not this grid
     assert grid_strength(shifted.clamp(0, 1)).item() < 0.01
+
+
+def test_the_grid_penalty_sees_the_errors_phase_pattern_not_its_sharpness():
+    """grid_loss (the refine stage's weight_grid): zero for the target itself and for a sharpened
+    copy (an error without a phase pattern), large for a faint 4-px dot pattern, and gradient
+    descent on it takes the pattern out while keeping the sharpening."""
+    import numpy as np
+    import torch
+
+    from smfsr.imageio import open_image
+    from smfsr_trainer.grid import grid_loss, grid_strength, highpass_luma
+
+    photo = torch.from_numpy(np.array(open_image(REPO / "samples" / "sunset_lr.png").convert("RGB")))
+    photo = photo.permute(2, 0, 1).float()[None, :, :176, :264] / 255
+    blurred = torch.nn.functional.avg_pool2d(photo, 3, 1, 1)
+    sharpened = photo + 0.5 * (photo - blurred)
+    dots = torch.zeros_like(photo)
+    dots[..., ::4, ::4] = 0.03
+    assert grid_loss(photo, photo, 4).item() == 0
+    pattern, sharp = grid_loss(sharpened + dots, photo, 4).item(), grid_loss(sharpened, photo, 4).item()
+    assert pattern > 20 * sharp and grid_loss(sharpened + dots, photo, 3).item() < pattern / 10
+    image = (sharpened + dots).requires_grad_(True)
+    optimiser = torch.optim.SGD([image], lr=2000.0)
+    for _ in range(50):
+        optimiser.zero_grad()
+        grid_loss(image, photo, 4).backward()
+        optimiser.step()
+    assert grid_loss(image, photo, 4).item() < 2 * sharp  # down to what the sharpening alone has
+    assert grid_strength(image.detach().clamp(0, 1)).item() < 0.002 < grid_strength((sharpened + dots).clamp(0, 1)).item()
+    detail = highpass_luma(image.detach()).pow(2).mean() / highpass_luma(sharpened).pow(2).mean()
+    assert 0.95 < detail < 1.1, detail  # not by blurring: the sharpened detail stays

@@ -37,6 +37,7 @@ from smfsr import meanflow
 from ..backbones import FeatureBackbone, load_backbone, parse_depths, perceptual_distance
 from ..conditioning import Condition, average_velocity_fn, guided, velocity_fn
 from ..discriminator import DiscriminatorHeads, discriminator_loss, generator_adversarial_loss, r1_penalty
+from ..grid import grid_loss
 from ..lora import LoraSpec, add_lora, adapters_disabled
 from ..networks import Networks, encode, load_bundle_of_kind, null_condition, select_trainable, with_frozen_parts
 from ..vsd import vsd_loss, vsd_times
@@ -124,9 +125,13 @@ def generator_loss(config, nets: RefineNets, generator: torch.nn.Module, codec, 
         l1 = F.l1_loss(x_hat, b.x)
         loss = loss + config.weight_l1 * l1
         logs["loss_l1"] = l1.detach()
-    if config.weight_gan or config.weight_perceptual:
+    if config.weight_gan or config.weight_perceptual or config.weight_grid:
         image = codec.decode(x_hat, grad=True)
         b.image = image.detach()
+        if config.weight_grid:
+            grid = grid_loss(image, b.hr, codec.downscale)
+            loss = loss + config.weight_grid * grid
+            logs["loss_grid"] = grid.detach()
         fake = {}  # each frozen network runs once on the sample, for every loss that reads it
         for net in {id(n): n for n in (nets.backbone, nets.perceptual) if n is not None}.values():
             fake[id(net)] = features(net, image, nets.depths(net))
@@ -244,7 +249,7 @@ class RefineStage(Stage):
     name = "refine"
     exported_name = "generator"
     default_steps = 1
-    summary_keys = ("refine_steps", "weight_l2", "weight_perceptual", "weight_gan", "weight_vsd")
+    summary_keys = ("refine_steps", "weight_l2", "weight_perceptual", "weight_gan", "weight_vsd", "weight_grid")
 
     def needs_teacher(self, config) -> bool:
         return bool(config.weight_vsd)  # only VSD reads the teacher (the real score and the fake score's start)
