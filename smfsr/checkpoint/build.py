@@ -33,7 +33,9 @@ def numpy_tables_as_views():
     """diffusers before 0.32 computes PatchEmbed's 2-D sin-cos table in numpy float64 as the module
     is built, even on the meta device (SD3.5-medium's: 1.8 GB, 3.4 GB at its peak, seconds of CPU;
     measured on Forge's diffusers 0.31). The table is rebuilt from the file or by ``position_table``
-    anyway, so while building it is a zero-stride view of one value (``on_meta`` makes it meta)."""
+    anyway, so while building it is a zero-stride view of one value (``on_meta`` makes it meta).
+    diffusers' function is replaced only for the milliseconds of that build, and only its numpy
+    form: 0.32 and later ask for torch tensors and are passed through."""
     import numpy as np
 
     try:
