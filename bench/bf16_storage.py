@@ -58,7 +58,8 @@ with torch.no_grad():
         out = model(*inputs)
         times.append(time.perf_counter() - start)
 peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM"))
-torch.save(out.float(), sys.argv[4])
+from safetensors.torch import save_file
+save_file({"out": out.float().contiguous()}, sys.argv[4])
 print(json.dumps({"weights": weights, "peak": peak, "seconds": statistics.median(times[1:])}))
 """
 
@@ -77,7 +78,7 @@ def run(mode: str, isa: str | None, depth: int, tile: int, out: str) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import tempfile
 
-    import torch
+    from safetensors.torch import load_file
 
     parser = argparse.ArgumentParser(prog="python -m bench.bf16_storage", description=__doc__.split("\n\n")[0])
     parser.add_argument("--depth", type=int, default=2)
@@ -89,10 +90,10 @@ def main(argv: list[str] | None = None) -> int:
                                                                        "s per forward", "vs fp32: s", "max |diff|"])
     with tempfile.TemporaryDirectory() as tmp:
         for label, isa in ISAS.items():
-            rows = {mode: run(mode, isa, args.depth, args.tile, f"{tmp}/{mode}.pt") for mode in MODES}
-            reference = torch.load(f"{tmp}/fp32.pt")
+            rows = {mode: run(mode, isa, args.depth, args.tile, f"{tmp}/{mode}.safetensors") for mode in MODES}
+            reference = load_file(f"{tmp}/fp32.safetensors")["out"]
             for mode, r in rows.items():
-                diff = (torch.load(f"{tmp}/{mode}.pt") - reference).abs().max().item()
+                diff = (load_file(f"{tmp}/{mode}.safetensors")["out"] - reference).abs().max().item()
                 table.add(label, mode, f"{r['weights'] / 2**30:.2f}", f"{r['peak'] / 2**30:.2f}", f"{r['seconds']:.2f}",
                           f"{r['seconds'] / rows['fp32']['seconds']:.2f}x", f"{diff:.3g}")
     table.notes.append(f"`python -m bench.bf16_storage --depth {args.depth} --tile {args.tile}`; each mode in a fresh "

@@ -216,16 +216,14 @@ def model_working_bytes(path: str | os.PathLike, compute: torch.dtype) -> int:
     from .checkpoint.peek import peek_model, read_bundle_info, read_json
 
     path = Path(path)
-    config, defaults = peek_model(path)
-    if path.is_file():
+    if path.is_file():  # one header read: configs, defaults and the stored prompt's length
         info = read_bundle_info(path)
-        vae = info.vae_config
         embeds = info.header.get("prompt.embeds")
         tokens = embeds[0][1] if embeds else OFFICIAL_PROMPT_TOKENS
-    else:
-        vae = read_json(path / "vae" / "config.json") if (path / "vae" / "config.json").is_file() else None
-        tokens = OFFICIAL_PROMPT_TOKENS
-    return working_bytes(config, vae, defaults, tokens, compute)
+        return working_bytes(info.transformer_config, info.vae_config, info.defaults, tokens, compute)
+    config, defaults = peek_model(path)
+    vae = read_json(path / "vae" / "config.json") if (path / "vae" / "config.json").is_file() else None
+    return working_bytes(config, vae, defaults, OFFICIAL_PROMPT_TOKENS, compute)
 
 
 OFFICIAL_PROMPT_TOKENS = 333  # 77 CLIP + 256 T5 tokens, as official inference encodes the prompt
